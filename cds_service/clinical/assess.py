@@ -1,0 +1,56 @@
+"""One patient, one moment: FHIR resources in, CRS and ICANS grades with recommendations out."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Iterable, Mapping
+
+from ..terminology import Terminology, load_terminology
+from .crs import grade_crs
+from .facts import extract_facts
+from .icans import grade_icans
+from .model import Assessment, Grade, Unreadable
+from .protocol import Protocol, default_protocol
+from .recommend import recommend
+from .scope import Situation, age_on, find_episode
+
+
+def _not_graded(syndrome: str, reason: str) -> Grade:
+    return Grade(syndrome, None, reason, "decisions.md 1 (scope)")
+
+
+def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | None = None,
+           terminology: Terminology | None = None, unread_sources: Iterable[Unreadable] = ()) -> Assessment:
+    """Grade a patient from their FHIR resources at ``now`` (timezone-aware).
+
+    ``unread_sources`` lists whole sources the caller could not read (a failed fetch, an
+    OperationOutcome in a prefetch key): grades become "at least N" and name them.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    protocol = protocol or default_protocol()
+    terminology = terminology or load_terminology()
+    facts = extract_facts(resources, now, terminology, protocol)
+    facts.unreadable.extend(unread_sources)
+    episode = find_episode(facts, now, protocol)
+    if episode is None:
+        medication_unread = any(u.source == "MedicationAdministration" for u in facts.unreadable)
+        reason = ("IEC therapy history could not be read" if medication_unread else
+                  f"no IEC therapy in the last {protocol['scope']['icans_risk_window_days']} days")
+        return Assessment(now, protocol.label, False, reason, _not_graded("CRS", reason),
+                          _not_graded("ICANS", reason), facts.patient_id, unreadable=facts.unreadable,
+                          assessable=not medication_unread)
+    situation = Situation(facts, now, protocol, episode, age_on(facts.birth_date, now))
+    icans = grade_icans(situation) if episode.icans_in_scope else _not_graded("ICANS", "outside the ICANS window")
+    if episode.crs_in_scope:
+        crs = grade_crs(situation, icans.value)
+    else:
+        crs = _not_graded("CRS", f"more than {protocol['scope']['crs_risk_window_days']} days since the IEC therapy")
+    for grade in (crs, icans):
+        if grade.value is not None and facts.unreadable:
+            grade.at_least = True
+            grade.missing = [f"{u.reference}: {u.reason}" for u in facts.unreadable]
+    latest = episode.latest
+    scope_reason = (f"{latest.agent} {latest.start:%Y-%m-%d %H:%M} UTC, "
+                    f"day {(now - episode.start).days} of the episode")
+    return Assessment(now, protocol.label, True, scope_reason, crs, icans, facts.patient_id,
+                      latest.evidence(f"{latest.agent} given"), recommend(situation, crs, icans), facts.unreadable)

@@ -1,0 +1,298 @@
+"""From FHIR resources to facts: the mapping of what EHRs send to the ASTCT inputs.
+
+Resources are plain R4 JSON dicts. Only the ones that matter (by code or name) are validated with
+fhir.resources, which is what keeps a chart with thousands of Observations fast. A relevant
+resource that cannot be read becomes an ``Unreadable`` entry, never a silent gap.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Iterable, Mapping
+
+from pydantic import ValidationError
+
+from ..terminology import IEC_TOXICITY, LOINC, SNOMED, Terminology, codeable_codes, codeable_texts
+from .fhir_read import (
+    UnreadableValue,
+    effective_interval,
+    parse_date,
+    quantity_in,
+    reference_key,
+    resource_key,
+)
+from .model import DrugEvent, Facts, Reading, Unreadable
+from .protocol import Protocol
+
+# Observation kinds recognised by ValueSet, in the order names are tried (most specific first).
+OBSERVATION_VALUESETS = [
+    ("sbp", "systolic-blood-pressure"),
+    ("temperature", "body-temperature"),
+    ("o2_flow", "oxygen-flow-rate"),
+    ("o2_device", "oxygen-delivery-method"),
+    ("weight", "body-weight"),
+    ("ferritin", "ferritin"),
+    ("crp", "c-reactive-protein"),
+    ("bp_panel", "blood-pressure-panel"),
+]
+# ICANS domains have no LOINC: they are coded in the project's CodeSystem.
+ICANS_CODES = {
+    "ice-score": "ice",
+    "capd-score": "capd",
+    "consciousness": "consciousness",
+    "seizure": "seizure",
+    "motor-weakness": "motor_weakness",
+    "cerebral-edema": "cerebral_edema",
+}
+QUANTITY_UNITS = {"temperature": "Cel", "sbp": "mmHg", "o2_flow": "L/min", "weight": "kg",
+                  "ferritin": "ng/mL", "crp": "mg/L"}
+LABEL_UNITS = {"temperature": "°C", "sbp": "mmHg", "o2_flow": "L/min", "weight": "kg",
+               "ferritin": "ng/mL", "crp": "mg/L"}
+# Medication categories (ValueSet ids) a MedicationAdministration may fall in.
+MEDICATION_VALUESETS = [
+    "iec-therapies", "car-t-products", "t-cell-engagers", "car-t-early-steroid-products",
+    "tocilizumab", "anti-cytokine-therapies", "systemic-corticosteroids", "antipyretics",
+    "vasopressors", "vasopressin", "inotropes", "gm-csf", "g-csf", "sedatives",
+]
+# Oxygen devices by ASTCT tier; the highest tier a device name matches wins.
+DEVICE_TIERS = [
+    (4, "oxygen-device-positive-pressure"),
+    (3, "oxygen-device-high-flow"),
+    (2, "oxygen-device-low-flow"),
+    (0, "oxygen-device-room-air"),
+]
+STANDARD_SYSTEMS = {LOINC, SNOMED}
+IGNORED_OBSERVATION_STATUSES = {"entered-in-error", "cancelled", "registered"}
+IGNORED_ADMINISTRATION_STATUSES = {"entered-in-error", "not-done"}
+
+
+def _fhir_models():
+    # Imported lazily: fhir.resources costs ~0.3 s to import and only relevant resources need it.
+    from fhir.resources.R4B.medicationadministration import MedicationAdministration
+    from fhir.resources.R4B.observation import Observation
+    from fhir.resources.R4B.patient import Patient
+
+    return {"Observation": Observation, "MedicationAdministration": MedicationAdministration,
+            "Patient": Patient}
+
+
+def validation_error(resource: Mapping) -> str | None:
+    """None if the resource is valid FHIR (R4B model), else a one-line reason."""
+    model = _fhir_models().get(resource.get("resourceType"))
+    if model is None:
+        return None
+    try:
+        model.model_validate(resource)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return f"invalid FHIR {resource.get('resourceType')}: {where}: {first.get('msg')}"
+    except (TypeError, ValueError) as exc:
+        return f"invalid FHIR {resource.get('resourceType')}: {exc}"
+    return None
+
+
+class FactExtractor:
+    def __init__(self, terminology: Terminology, protocol: Protocol, now: datetime):
+        self.terms = terminology
+        self.protocol = protocol
+        self.now = now
+        self.facts = Facts()
+        self.medications: dict[str, Mapping] = {}
+
+    # ---- entry point -------------------------------------------------------------------------
+    def extract(self, resources: Iterable[Mapping]) -> Facts:
+        resources = [r for r in resources if isinstance(r, Mapping)]
+        self.medications = {resource_key(r): r for r in resources if r.get("resourceType") == "Medication"}
+        for resource in resources:
+            kind = resource.get("resourceType")
+            if kind == "Observation":
+                self._observation(resource)
+            elif kind == "MedicationAdministration":
+                self._administration(resource)
+            elif kind == "Patient" and self.facts.patient_id is None:
+                self._patient(resource)
+        return self.facts
+
+    def _unreadable(self, resource: Mapping, reason: str) -> None:
+        self.facts.unreadable.append(Unreadable(resource_key(resource), reason, resource.get("resourceType", "?")))
+
+    # ---- Patient -----------------------------------------------------------------------------
+    def _patient(self, patient: Mapping) -> None:
+        self.facts.patient_id = patient.get("id")
+        if patient.get("birthDate"):
+            try:
+                self.facts.birth_date = parse_date(patient["birthDate"])
+            except UnreadableValue as exc:
+                self._unreadable(patient, f"birthDate: {exc}")
+
+    # ---- Observations ------------------------------------------------------------------------
+    def _observation_kind(self, code: Mapping | None) -> str | None:
+        for system, value in codeable_codes(code):
+            if system == IEC_TOXICITY and value in ICANS_CODES:
+                return ICANS_CODES[value]
+        for kind, valueset in OBSERVATION_VALUESETS:
+            if self.terms.has_code(valueset, code):
+                return kind
+        if any(system in STANDARD_SYSTEMS for system, _ in codeable_codes(code)):
+            return None  # a standard code that is not one of ours: another concept, not a name match
+        for kind, valueset in OBSERVATION_VALUESETS:
+            if self.terms[valueset].agent_for_text(codeable_texts(code)):
+                return kind
+        return None
+
+    def _observation(self, obs: Mapping) -> None:
+        kind = self._observation_kind(obs.get("code"))
+        components = [c for c in obs.get("component") or [] if isinstance(c, Mapping)]
+        component_kinds = [(self._component_kind(c.get("code")), c) for c in components]
+        component_kinds = [(k, c) for k, c in component_kinds if k]
+        if kind is None and not component_kinds:
+            return
+        if obs.get("status") in IGNORED_OBSERVATION_STATUSES:
+            return
+        problem = validation_error(obs)
+        if problem:
+            self._unreadable(obs, problem)
+            return
+        try:
+            start, end = effective_interval(obs)
+        except UnreadableValue as exc:
+            self._unreadable(obs, str(exc))
+            return
+        end = end or start
+        if start > self.now:
+            return  # documented in the future relative to the assessment: not yet a fact
+        if kind == "bp_panel" and not any(k == "sbp" for k, _ in component_kinds):
+            self._unreadable(obs, "blood pressure panel without a systolic component")
+        elif kind and kind != "bp_panel":
+            self._reading(obs, kind, obs, start, end)
+        for component_kind, component in component_kinds:
+            self._reading(obs, component_kind, component, start, end)
+
+    def _component_kind(self, code: Mapping | None) -> str | None:
+        if self.terms.has_code("systolic-blood-pressure", code):
+            return "sbp"
+        if self.terms.has_code("oxygen-flow-rate", code):
+            return "o2_flow"
+        return None
+
+    def _reading(self, obs: Mapping, kind: str, holder: Mapping, start: datetime, end: datetime) -> None:
+        if holder.get("dataAbsentReason") is not None:
+            return  # the EHR says why there is no value: nothing was measured
+        reference = resource_key(obs)
+        try:
+            value, label, flow_decides = self._value(kind, holder)
+        except UnreadableValue as exc:
+            self._unreadable(obs, f"{kind.replace('_', ' ')}: {exc}")
+            return
+        self.facts.readings.append(Reading(kind, value, start, end, reference, label, flow_decides))
+
+    def _value(self, kind: str, holder: Mapping) -> tuple[object, str, bool]:
+        if kind in QUANTITY_UNITS:
+            value = round(quantity_in(holder.get("valueQuantity"), QUANTITY_UNITS[kind]), 2)
+            return value, f"{_human(kind)} {value:g} {LABEL_UNITS[kind]}", False
+        if kind == "o2_device":
+            return self._device(holder)
+        if kind in ("ice", "capd"):
+            score = holder.get("valueInteger")
+            if score is None and isinstance(holder.get("valueQuantity"), Mapping):
+                score = holder["valueQuantity"].get("value")
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or score != int(score) or score < 0:
+                raise UnreadableValue(f"score must be a whole number, got {score!r}")
+            return int(score), f"{kind.upper()} score {int(score)}", False
+        if kind == "motor_weakness":
+            present = holder.get("valueBoolean")
+            if not isinstance(present, bool):
+                raise UnreadableValue("motor weakness needs valueBoolean")
+            return present, "deep focal motor weakness" if present else "no focal motor weakness", False
+        # consciousness, seizure, cerebral_edema: coded answers from the project CodeSystem
+        grades = self._icans_answer_grades(kind)
+        for system, code in codeable_codes(holder.get("valueCodeableConcept")):
+            if system == IEC_TOXICITY and code in grades:
+                return code, f"{_human(kind)}: {code.replace('-', ' ')}", False
+        raise UnreadableValue(f"answer must be one of {sorted(grades)}")
+
+    def _icans_answer_grades(self, kind: str) -> dict:
+        icans = self.protocol["icans"]
+        return {"consciousness": icans["consciousness_grades"], "seizure": icans["seizure_grades"],
+                "cerebral_edema": icans["cerebral_edema_grades"]}[kind]
+
+    def _device(self, holder: Mapping) -> tuple[int, str, bool]:
+        codeable = holder.get("valueCodeableConcept")
+        texts = [holder["valueString"]] if isinstance(holder.get("valueString"), str) else []
+        names = [*codeable_texts(codeable), *texts]
+        # Codes decide before names: a code's display ("Blow by oxygen mask") may contain another
+        # tier's name ("oxygen mask").
+        for by_code in (True, False):
+            for tier, valueset in DEVICE_TIERS:
+                concept = self.terms[valueset]
+                found = (concept.agent_for_code(codeable_codes(codeable)) if by_code
+                         else concept.agent_for_text(names))
+                if found:
+                    cannula = self.terms["oxygen-device-nasal-cannula"]
+                    is_cannula = (cannula.agent_for_code(codeable_codes(codeable)) if by_code
+                                  else cannula.agent_for_text(names)) is not None
+                    return tier, f"oxygen device: {names[0] if names else found}", is_cannula and tier in (2, 3)
+        raise UnreadableValue(f"oxygen device not recognised: {names or codeable_codes(codeable)}")
+
+    # ---- MedicationAdministrations -----------------------------------------------------------
+    def _medication_concept(self, admin: Mapping) -> tuple[Mapping | None, list[str]]:
+        if isinstance(admin.get("medicationCodeableConcept"), Mapping):
+            return admin["medicationCodeableConcept"], []
+        ref = admin.get("medicationReference")
+        if not isinstance(ref, Mapping):
+            return None, []
+        texts = [ref["display"]] if isinstance(ref.get("display"), str) else []
+        target = ref.get("reference") or ""
+        if target.startswith("#"):
+            medication = next((c for c in admin.get("contained") or []
+                               if isinstance(c, Mapping) and c.get("id") == target[1:]), None)
+        else:
+            medication = self.medications.get(reference_key(target)) if target else None
+        return (medication.get("code") if medication else None), texts
+
+    def _administration(self, admin: Mapping) -> None:
+        codeable, texts = self._medication_concept(admin)
+        categories = {vs: self.terms.match(vs, codeable, texts) for vs in MEDICATION_VALUESETS}
+        categories = {vs: agent for vs, agent in categories.items() if agent}
+        if not categories:
+            if codeable is None and not texts:
+                self._unreadable(admin, "medication could not be resolved")
+            return
+        status = admin.get("status")
+        if status in IGNORED_ADMINISTRATION_STATUSES:
+            return
+        problem = validation_error(admin)
+        if problem:
+            self._unreadable(admin, problem)
+            return
+        try:
+            start, end = effective_interval(admin)
+        except UnreadableValue as exc:
+            self._unreadable(admin, str(exc))
+            return
+        if end is None:
+            # An open period is running now only while in progress; otherwise it counts at its start.
+            end = max(start, self.now) if status == "in-progress" else start
+        if status == "stopped" and end < start:
+            return  # stopped before it started
+        agent = next(iter(categories.values()))
+        dose_mg = None
+        dose = (admin.get("dosage") or {}).get("dose")
+        if dose is not None:
+            try:
+                dose_mg = quantity_in(dose, "mg")
+            except UnreadableValue:
+                dose_mg = None  # a dose in mL or units does not stop the drug from counting
+        label = agent + (f" {dose_mg:g} mg" if dose_mg is not None else "")
+        self.facts.drugs.append(DrugEvent(agent, frozenset(categories), start, end, status or "unknown",
+                                          resource_key(admin), label, dose_mg))
+
+
+def _human(kind: str) -> str:
+    return {"sbp": "systolic BP", "o2_flow": "O2 flow", "crp": "CRP", "cerebral_edema": "cerebral edema"}.get(
+        kind, kind.replace("_", " "))
+
+
+def extract_facts(resources: Iterable[Mapping], now: datetime, terminology: Terminology,
+                  protocol: Protocol) -> Facts:
+    return FactExtractor(terminology, protocol, now).extract(resources)

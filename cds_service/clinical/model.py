@@ -1,0 +1,235 @@
+"""The clinical core's value types: facts read from FHIR, grades with evidence, recommendations."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+
+INDICATOR_RANK = {"info": 0, "warning": 1, "critical": 2}
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.isoformat().replace("+00:00", "Z") if moment else None
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One fact that decided something: which resource, what it said, when."""
+
+    reference: str
+    text: str
+    time: datetime | None = None
+
+    def to_json(self) -> dict:
+        out = {"reference": self.reference, "text": self.text}
+        if self.time:
+            out["time"] = iso(self.time)
+        return out
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A value taken from an Observation (or one of its components).
+
+    ``kind`` is one of: temperature (Cel), sbp (mmHg), o2_flow (L/min), o2_device (ASTCT tier),
+    weight (kg), ferritin (ng/mL), crp (mg/L), ice, capd, consciousness, seizure,
+    motor_weakness, cerebral_edema.
+    """
+
+    kind: str
+    value: Any
+    start: datetime
+    end: datetime
+    reference: str
+    label: str
+    flow_decides: bool = False  # oxygen devices: a nasal cannula, whose tier the flow decides
+
+    @property
+    def time(self) -> datetime:
+        return self.end
+
+    def evidence(self, text: str | None = None) -> Evidence:
+        return Evidence(self.reference, text or self.label, self.end)
+
+
+@dataclass(frozen=True)
+class DrugEvent:
+    """A MedicationAdministration: which agent, its value-set categories, when it ran."""
+
+    agent: str
+    categories: frozenset[str]
+    start: datetime
+    end: datetime
+    status: str
+    reference: str
+    label: str
+    dose_mg: float | None = None
+
+    def running_at(self, moment: datetime) -> bool:
+        return self.start <= moment <= self.end
+
+    def evidence(self, text: str | None = None) -> Evidence:
+        return Evidence(self.reference, text or self.label, self.start)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A resource or a whole source that could not be read. Never silently dropped."""
+
+    reference: str
+    reason: str
+    source: str  # "Observation", "MedicationAdministration", "Patient"
+
+    def to_json(self) -> dict:
+        return {"reference": self.reference, "reason": self.reason, "source": self.source}
+
+
+@dataclass
+class Facts:
+    patient_id: str | None = None
+    birth_date: date | None = None
+    readings: list[Reading] = field(default_factory=list)
+    drugs: list[DrugEvent] = field(default_factory=list)
+    unreadable: list[Unreadable] = field(default_factory=list)
+
+    def of_kind(self, kind: str) -> list[Reading]:
+        return [r for r in self.readings if r.kind == kind]
+
+    def drugs_in(self, category: str) -> list[DrugEvent]:
+        return [d for d in self.drugs if category in d.categories]
+
+    def unreadable_sources(self) -> list[str]:
+        return sorted({u.source for u in self.unreadable})
+
+
+@dataclass(frozen=True)
+class Flag:
+    """Something the clinician must review, raised by a rule; it does not change the grade."""
+
+    code: str
+    text: str
+    evidence: tuple[Evidence, ...] = ()
+
+    def to_json(self) -> dict:
+        out: dict = {"code": self.code, "text": self.text}
+        if self.evidence:
+            out["evidence"] = [e.to_json() for e in self.evidence]
+        return out
+
+
+@dataclass
+class Grade:
+    """A CRS or ICANS grade: the value, the rule that decided it and the facts behind it.
+
+    ``value`` None means not assessable or out of scope (``reason`` says why). ``at_least`` means a
+    source could not be read, so the true grade may be higher.
+    """
+
+    syndrome: str
+    value: int | None
+    reason: str
+    rule: str
+    window: str = ""
+    evidence: list[Evidence] = field(default_factory=list)
+    flags: list[Flag] = field(default_factory=list)
+    at_least: bool = False
+    missing: list[str] = field(default_factory=list)
+    components: dict[str, int] = field(default_factory=dict)  # CRS: hypotension and hypoxia tiers
+
+    @property
+    def text(self) -> str:
+        if self.value is None:
+            return f"{self.syndrome} not graded"
+        prefix = "at least " if self.at_least else ""
+        return f"{self.syndrome} grade {prefix}{self.value}"
+
+    def to_json(self) -> dict:
+        out: dict = {"grade": self.value, "text": self.text, "reason": self.reason, "rule": self.rule}
+        if self.window:
+            out["window"] = self.window
+        out["atLeast"] = self.at_least
+        if self.missing:
+            out["missing"] = self.missing
+        out["evidence"] = [e.to_json() for e in self.evidence]
+        out["flags"] = [f.to_json() for f in self.flags]
+        return out
+
+
+@dataclass(frozen=True)
+class MedicationOrder:
+    """A concrete order the protocol recommends (rendered as a MedicationRequest suggestion)."""
+
+    agent: str
+    dose_mg: float
+    route: str
+    every_hours: int | None
+    text: str
+
+    def to_json(self) -> dict:
+        out = {"agent": self.agent, "doseMg": self.dose_mg, "route": self.route, "text": self.text}
+        if self.every_hours:
+            out["everyHours"] = self.every_hours
+        return out
+
+
+@dataclass
+class Recommendation:
+    """One piece of advice: management for a grade, a dose, or a pitfall rule that fired."""
+
+    topic: str
+    indicator: str
+    title: str
+    detail: list[str]
+    source: str
+    order: MedicationOrder | None = None
+    evidence: list[Evidence] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out: dict = {"topic": self.topic, "indicator": self.indicator, "title": self.title,
+                     "detail": self.detail, "source": self.source}
+        if self.order:
+            out["order"] = self.order.to_json()
+        if self.evidence:
+            out["evidence"] = [e.to_json() for e in self.evidence]
+        return out
+
+
+@dataclass
+class Assessment:
+    now: datetime
+    protocol: str
+    in_scope: bool
+    scope_reason: str
+    crs: Grade
+    icans: Grade
+    patient_id: str | None = None
+    iec_therapy: Evidence | None = None
+    recommendations: list[Recommendation] = field(default_factory=list)
+    unreadable: list[Unreadable] = field(default_factory=list)
+    assessable: bool = True  # False: whether the patient is in scope could not be told
+
+    @property
+    def indicator(self) -> str:
+        return max((r.indicator for r in self.recommendations), key=INDICATOR_RANK.__getitem__, default="info")
+
+    def recommendation(self, topic: str) -> Recommendation | None:
+        return next((r for r in self.recommendations if r.topic == topic), None)
+
+    def to_json(self) -> dict:
+        out: dict = {
+            "now": iso(self.now),
+            "protocol": self.protocol,
+            "inScope": self.in_scope,
+            "assessable": self.assessable,
+            "scopeReason": self.scope_reason,
+            "crs": self.crs.to_json(),
+            "icans": self.icans.to_json(),
+            "indicator": self.indicator,
+            "recommendations": [r.to_json() for r in self.recommendations],
+            "unreadable": [u.to_json() for u in self.unreadable],
+        }
+        if self.patient_id:
+            out["patientId"] = self.patient_id
+        if self.iec_therapy:
+            out["iecTherapy"] = self.iec_therapy.to_json()
+        return out
