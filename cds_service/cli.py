@@ -1,0 +1,113 @@
+"""The ``crs-cds`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    """A one-line problem for the user; exits with status 2."""
+
+
+def _now(text: str | None) -> datetime:
+    if not text:
+        return datetime.now(timezone.utc)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(f"--now must be an ISO 8601 date-time, got {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _protocol(path: str | None):
+    from .clinical.protocol import Protocol, ProtocolError
+
+    try:
+        return Protocol.load(path)
+    except ProtocolError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    from .clinical import assess
+    from .clinical.report import as_text
+    from .fhir.bundle import BundleError, parse_resources_text
+
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    try:
+        resources = parse_resources_text(text)
+    except BundleError as exc:
+        raise CliError(f"{path}: {exc}") from None
+    assessment = assess(resources, _now(args.now), _protocol(args.protocol))
+    if args.json:
+        print(json.dumps(assessment.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(as_text(assessment))
+    return 0
+
+
+def cmd_scenarios_write(args: argparse.Namespace) -> int:
+    from .scenarios import SCENARIOS
+
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = _now(args.now)
+    for scenario in SCENARIOS:
+        target = folder / f"{scenario.name}.json"
+        target.write_text(json.dumps(scenario.bundle(now), indent=2) + "\n", encoding="utf-8")
+        print(f"{target}  CRS {scenario.expected_crs}  ICANS {scenario.expected_icans}  {scenario.title}")
+    return 0
+
+
+def cmd_scenarios_list(args: argparse.Namespace) -> int:
+    from .scenarios import SCENARIOS
+
+    for scenario in SCENARIOS:
+        print(f"{scenario.name:40} CRS {str(scenario.expected_crs):4} ICANS {str(scenario.expected_icans):4} "
+              f"{scenario.title}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crs-cds", description="CRS/ICANS (ASTCT) grading and CDS Hooks service")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    grade = commands.add_parser("grade", help="grade one patient from a FHIR Bundle or NDJSON file")
+    grade.add_argument("file")
+    grade.add_argument("--now", help="assessment time, ISO 8601 (default: the current time)")
+    grade.add_argument("--json", action="store_true", help="print the assessment as JSON")
+    grade.add_argument("--protocol", help="a site protocol file overriding the default protocol")
+    grade.set_defaults(handler=cmd_grade)
+
+    scenarios = commands.add_parser("scenarios", help="the built-in clinical scenario library")
+    scenario_commands = scenarios.add_subparsers(dest="scenario_command", required=True)
+    listing = scenario_commands.add_parser("list", help="list the scenarios and their expected grades")
+    listing.set_defaults(handler=cmd_scenarios_list)
+    write = scenario_commands.add_parser("write", help="write each scenario as a transaction Bundle file")
+    write.add_argument("dir")
+    write.add_argument("--now", help="time the scenarios are built around (default: now)")
+    write.set_defaults(handler=cmd_scenarios_write)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except CliError as exc:
+        print(f"crs-cds: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
