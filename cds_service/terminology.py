@@ -101,6 +101,13 @@ class Concept:
                 return self.names[found.group(1)]
         return None
 
+    def coding_for(self, agent: str) -> dict:
+        """A Coding for an agent: its verified code when the ValueSet has one, else text only."""
+        for (system, code), named in self.codes.items():
+            if named == agent:
+                return {"system": system, "code": code, "display": agent}
+        return {"display": agent}
+
     def match(self, codeable: Mapping | None, extra_texts: Iterable[str] = ()) -> str | None:
         """The agent this CodeableConcept (or free text) names, by code first, then by name."""
         return self.agent_for_code(codeable_codes(codeable)) or self.agent_for_text(

@@ -53,4 +53,5 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
     scope_reason = (f"{latest.agent} {latest.start:%Y-%m-%d %H:%M} UTC, "
                     f"day {(now - episode.start).days} of the episode")
     return Assessment(now, protocol.label, True, scope_reason, crs, icans, facts.patient_id,
-                      latest.evidence(f"{latest.agent} given"), recommend(situation, crs, icans), facts.unreadable)
+                      latest.evidence(f"{latest.agent} given"), recommend(situation, crs, icans), facts.unreadable,
+                      iec_car_t="car-t-products" in latest.categories, situation=situation)

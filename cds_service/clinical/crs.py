@@ -51,13 +51,15 @@ def fever_waiver(s: Situation) -> tuple[Reading, DrugEvent] | None:
 
 
 def prophylaxis_before_fever(s: Situation) -> list[DrugEvent]:
-    """Antipyretic or anti-cytokine therapy given after the IEC therapy but before any fever:
-    prophylaxis, which does not waive fever (decisions.md 3)."""
+    """Antipyretic or anti-cytokine therapy given around the IEC therapy (from 24 h before it, to
+    catch premedication) but before any fever: prophylaxis, which does not waive fever
+    (decisions.md 3)."""
     threshold = s.protocol["fever_threshold_celsius"]
     fever_times = [r.end for r in s.facts.of_kind("temperature") if r.value >= threshold and r.end >= s.episode.start]
     first_fever = min(fever_times, default=None)
+    since = s.episode.start - s.protocol.window("prophylaxis_before_therapy")
     return sorted((d for category in WAIVER_CATEGORIES for d in s.facts.drugs_in(category)
-                   if s.episode.start <= d.start <= s.now and (first_fever is None or d.start < first_fever)),
+                   if since <= d.start <= s.now and (first_fever is None or d.start < first_fever)),
                   key=lambda d: d.start)
 
 

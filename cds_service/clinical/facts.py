@@ -63,6 +63,11 @@ DEVICE_TIERS = [
 STANDARD_SYSTEMS = {LOINC, SNOMED}
 IGNORED_OBSERVATION_STATUSES = {"entered-in-error", "cancelled", "registered"}
 IGNORED_ADMINISTRATION_STATUSES = {"entered-in-error", "not-done"}
+# fhir.resources checks a code's shape, not its value set: statuses are checked here.
+OBSERVATION_STATUSES = {"registered", "preliminary", "final", "amended", "corrected", "cancelled",
+                        "entered-in-error", "unknown"}
+ADMINISTRATION_STATUSES = {"in-progress", "not-done", "on-hold", "completed", "entered-in-error", "stopped",
+                           "unknown"}
 
 
 def _fhir_models():
@@ -149,7 +154,7 @@ class FactExtractor:
             return
         if obs.get("status") in IGNORED_OBSERVATION_STATUSES:
             return
-        problem = validation_error(obs)
+        problem = validation_error(obs) or _status_problem(obs, OBSERVATION_STATUSES)
         if problem:
             self._unreadable(obs, problem)
             return
@@ -261,7 +266,7 @@ class FactExtractor:
         status = admin.get("status")
         if status in IGNORED_ADMINISTRATION_STATUSES:
             return
-        problem = validation_error(admin)
+        problem = validation_error(admin) or _status_problem(admin, ADMINISTRATION_STATUSES)
         if problem:
             self._unreadable(admin, problem)
             return
@@ -286,6 +291,11 @@ class FactExtractor:
         label = agent + (f" {dose_mg:g} mg" if dose_mg is not None else "")
         self.facts.drugs.append(DrugEvent(agent, frozenset(categories), start, end, status or "unknown",
                                           resource_key(admin), label, dose_mg))
+
+
+def _status_problem(resource: Mapping, allowed: set[str]) -> str | None:
+    status = resource.get("status")
+    return None if status in allowed else f"status {status!r} is not a {resource.get('resourceType')} status"
 
 
 def _human(kind: str) -> str:

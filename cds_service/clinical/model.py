@@ -160,13 +160,15 @@ class MedicationOrder:
     """A concrete order the protocol recommends (rendered as a MedicationRequest suggestion)."""
 
     agent: str
-    dose_mg: float
+    dose_mg: float | None
     route: str
     every_hours: int | None
     text: str
 
     def to_json(self) -> dict:
-        out = {"agent": self.agent, "doseMg": self.dose_mg, "route": self.route, "text": self.text}
+        out: dict = {"agent": self.agent, "route": self.route, "text": self.text}
+        if self.dose_mg is not None:
+            out["doseMg"] = self.dose_mg
         if self.every_hours:
             out["everyHours"] = self.every_hours
         return out
@@ -183,12 +185,19 @@ class Recommendation:
     source: str
     order: MedicationOrder | None = None
     evidence: list[Evidence] = field(default_factory=list)
+    target: str | None = None      # order checks: the draft order this advice is about
+    remove_target: bool = False    # order checks: suggest removing that draft order
+    replace_target: bool = False   # order checks: ``order`` replaces the draft order (corrected dose)
 
     def to_json(self) -> dict:
         out: dict = {"topic": self.topic, "indicator": self.indicator, "title": self.title,
                      "detail": self.detail, "source": self.source}
         if self.order:
             out["order"] = self.order.to_json()
+        if self.target:
+            out["target"] = self.target
+            out["removeTarget"] = self.remove_target
+            out["replaceTarget"] = self.replace_target
         if self.evidence:
             out["evidence"] = [e.to_json() for e in self.evidence]
         return out
@@ -207,6 +216,8 @@ class Assessment:
     recommendations: list[Recommendation] = field(default_factory=list)
     unreadable: list[Unreadable] = field(default_factory=list)
     assessable: bool = True  # False: whether the patient is in scope could not be told
+    iec_car_t: bool = False  # the latest IEC therapy is a CAR-T product (not a T-cell engager)
+    situation: Any = field(default=None, repr=False, compare=False)  # scope.Situation, for order checks
 
     @property
     def indicator(self) -> str:

@@ -1,0 +1,80 @@
+"""The Flask application factory. No app object exists at import time."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from flask import Flask, request
+from werkzeug.exceptions import HTTPException
+
+from .clinical.protocol import Protocol
+from .feedback import FeedbackStore
+from .fhir.client import FhirClient
+from .hooks.api import blueprint, discovery_document, prefetch_templates
+from .settings import Settings
+from .terminology import load_terminology
+
+log = logging.getLogger("crs_cds")
+
+
+@dataclass
+class ServiceState:
+    """Everything loaded once at start-up, so no request pays for it."""
+
+    settings: Settings
+    protocol: Protocol
+    terminology: Any
+    templates: dict[str, str]
+    discovery: list[dict]
+    fhir_client: FhirClient
+    feedback: FeedbackStore
+
+
+def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
+    settings = config if isinstance(config, Settings) else Settings.load(**dict(config or {}))
+    terminology = load_terminology(tuple(settings.terminology_dirs))
+    templates = prefetch_templates(terminology)
+    state = ServiceState(settings, Protocol.load(settings.protocol_file), terminology, templates,
+                         discovery_document(templates), FhirClient(settings), FeedbackStore(settings.feedback_db))
+    # Import fhir.resources now, not on the first chart open.
+    from .clinical.facts import validation_error
+
+    validation_error({"resourceType": "Patient", "id": "warm-up"})
+
+    app = Flask(__name__)
+    app.config["CRS_CDS"] = state
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.register_blueprint(blueprint)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return _outcome(error.code or 500, error.description or error.name, "processing")
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        log.exception("unexpected error handling %s %s", request.method, request.path)
+        return _outcome(500, "internal error; the service log has the details", "exception")
+
+    @app.after_request
+    def cors(response):
+        origin = request.headers.get("Origin")
+        allowed = settings.cors_origins
+        if origin and ("*" in allowed or origin in allowed):
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Accept"
+            response.headers["Access-Control-Max-Age"] = "600"
+            if "*" not in allowed:
+                response.headers["Vary"] = "Origin"
+        return response
+
+    log.info("crs-cds ready: %d services, protocol %s", len(state.discovery), state.protocol.label)
+    return app
+
+
+def _outcome(status: int, message: str, code: str):
+    from .hooks.api import json_response
+
+    return json_response({"resourceType": "OperationOutcome",
+                          "issue": [{"severity": "error", "code": code, "diagnostics": message}]}, status)

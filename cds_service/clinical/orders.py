@@ -1,0 +1,187 @@
+"""Checks on draft medication orders: decisions.md section 6 rules 3 (GM-CSF), 8 (steroid
+premedication before CAR-T) and 9 (tocilizumab order checks).
+
+Draft orders are read leniently: real clients send single objects where R4 wants arrays, omit
+``intent``, or reference a Medication elsewhere in the draft Bundle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Iterable, Mapping
+
+from ..terminology import Terminology, load_terminology
+from .assess import assess
+from .dosing import tocilizumab_dose, tocilizumab_history
+from .facts import MEDICATION_VALUESETS
+from .fhir_read import UnreadableValue, quantity_in, reference_key, resource_key
+from .model import Assessment, MedicationOrder, Recommendation
+from .protocol import Protocol, default_protocol
+
+ORDER_TYPES = {"MedicationRequest", "MedicationOrder"}
+
+
+@dataclass(frozen=True)
+class DraftOrder:
+    reference: str
+    agent: str | None
+    categories: frozenset[str]
+    dose_mg: float | None
+    resource: Mapping
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _dose_mg(order: Mapping) -> float | None:
+    for instruction in _as_list(order.get("dosageInstruction")):
+        if not isinstance(instruction, Mapping):
+            continue
+        for dose_and_rate in _as_list(instruction.get("doseAndRate")):
+            if isinstance(dose_and_rate, Mapping) and dose_and_rate.get("doseQuantity"):
+                try:
+                    return quantity_in(dose_and_rate["doseQuantity"], "mg")
+                except UnreadableValue:
+                    return None
+    return None
+
+
+def read_draft_orders(resources: Iterable[Mapping], terminology: Terminology) -> list[DraftOrder]:
+    """Every medication order in the draft Bundle, with the value-set categories its drug falls in."""
+    resources = [r for r in resources if isinstance(r, Mapping)]
+    medications = {resource_key(r): r for r in resources if r.get("resourceType") == "Medication"}
+    orders = []
+    for order in resources:
+        if order.get("resourceType") not in ORDER_TYPES:
+            continue
+        codeable = order.get("medicationCodeableConcept")
+        texts: list[str] = []
+        ref = order.get("medicationReference")
+        if codeable is None and isinstance(ref, Mapping):
+            texts = [ref["display"]] if isinstance(ref.get("display"), str) else []
+            target = ref.get("reference") or ""
+            if target.startswith("#"):
+                medication = next((c for c in _as_list(order.get("contained"))
+                                   if isinstance(c, Mapping) and c.get("id") == target[1:]), None)
+            else:
+                medication = medications.get(reference_key(target))
+            codeable = medication.get("code") if medication else None
+        matches = {vs: terminology.match(vs, codeable, texts) for vs in MEDICATION_VALUESETS}
+        matches = {vs: agent for vs, agent in matches.items() if agent}
+        orders.append(DraftOrder(resource_key(order), next(iter(matches.values()), None), frozenset(matches),
+                                 _dose_mg(order), order))
+    return orders
+
+
+def gm_csf_after_iec(order: DraftOrder, assessment: Assessment, protocol: Protocol) -> list[Recommendation]:
+    """Rule 3. When GM-CSF (sargramostim) is ordered for a patient after IEC therapy, then warn,
+    suggest removing the order, and, where neutropenia support is intended, filgrastim instead:
+    G-CSF is permissible.  Source: seeds 000, 002; decisions.md 6 rule 3."""
+    if "gm-csf" not in order.categories or not assessment.in_scope:
+        return []
+    checks = protocol["order_checks"]
+    alternative = checks["gm_csf_alternative"]
+    return [Recommendation(
+        "gm-csf-after-iec", "warning", "Avoid GM-CSF (sargramostim) after IEC therapy: use G-CSF if needed",
+        [f"IEC therapy: {assessment.scope_reason}.",
+         "GM-CSF is avoided after CAR-T/T-cell engager therapy (it may worsen CRS and neurotoxicity); "
+         "G-CSF (filgrastim, pegfilgrastim) is permissible."],
+        checks["gm_csf_source"],
+        MedicationOrder(alternative["agent"], None, alternative["route"], None, alternative["text"]),
+        target=order.reference, remove_target=True)]
+
+
+def steroid_premedication(order: DraftOrder, assessment: Assessment, drafts: list[DraftOrder],
+                          resources: list[Mapping], now: datetime, protocol: Protocol,
+                          terminology: Terminology) -> list[Recommendation]:
+    """Rule 8. When a corticosteroid is ordered within 24 h before a scheduled or just-given
+    CAR-T dose, then warn: no routine steroid premedication for CAR-T. T-cell engagers are the
+    exception (their labels require premedication), and so is a steroid the current CRS/ICANS
+    grade calls for.  Source: seed 000; decisions.md 6 rule 8."""
+    if "systemic-corticosteroids" not in order.categories:
+        return []
+    if assessment.recommendation("corticosteroid") or assessment.recommendation("concurrent-icans"):
+        return []  # the steroid treats CRS/ICANS; it is not premedication
+    window = timedelta(hours=protocol["order_checks"]["steroid_premedication_window_hours"])
+    car_t_orders = [d for d in drafts if "car-t-products" in d.categories]
+    car_t_requests = [r for r in resources if r.get("resourceType") == "MedicationRequest"
+                      and r.get("status") in ("active", "draft", "on-hold")
+                      and terminology.match("car-t-products", r.get("medicationCodeableConcept"))]
+    just_given = (assessment.iec_car_t and assessment.iec_therapy is not None
+                  and now - assessment.iec_therapy.time <= window)
+    if not (car_t_orders or car_t_requests or just_given):
+        return []
+    which = ("a CAR-T order is in this session" if car_t_orders else
+             "a CAR-T product is ordered" if car_t_requests else
+             f"CAR-T given {assessment.iec_therapy.time:%Y-%m-%d %H:%M} UTC")
+    return [Recommendation(
+        "steroid-premedication", "warning", "Steroid premedication before CAR-T: not recommended",
+        [f"{order.agent} ordered while {which}.",
+         "Routine corticosteroid premedication is avoided with CAR-T cells (it may blunt their expansion); "
+         "T-cell engagers are the exception.", "If this steroid treats CRS or ICANS, override with that reason."],
+        protocol["order_checks"]["steroid_premedication_source"], target=order.reference)]
+
+
+def tocilizumab_order(order: DraftOrder, assessment: Assessment, protocol: Protocol) -> list[Recommendation]:
+    """Rule 9. When tocilizumab is ordered above 800 mg, more than 10% away from 8 (or 12) mg/kg,
+    as a 4th dose in 24 h or a 5th in the episode, within 8 h of the last dose, or while the
+    concurrent-ICANS rule applies, then warn with the computed dose.  Source: decisions.md 6 rule 9."""
+    if "tocilizumab" not in order.categories or not assessment.in_scope:
+        return []
+    rules = protocol["tocilizumab"]
+    situation = assessment.situation
+    dose = tocilizumab_dose(situation)
+    history = tocilizumab_history(situation)
+    computed = dose.dose_mg if dose else None
+    concurrent = assessment.recommendation("concurrent-icans") is not None
+    problems: list[str] = []
+    if order.dose_mg is None:
+        problems.append("the order has no dose in mg")
+    elif order.dose_mg > rules["max_dose_mg"]:
+        problems.append(f"ordered {order.dose_mg:g} mg exceeds the {rules['max_dose_mg']} mg maximum")
+    if order.dose_mg is not None and computed and \
+            abs(order.dose_mg - computed) > computed * rules["order_dose_tolerance_fraction"]:
+        problems.append(f"ordered {order.dose_mg:g} mg differs from the computed {computed:g} mg by more than "
+                        f"{rules['order_dose_tolerance_fraction']:.0%}")
+    if history.blocked:
+        problems.append(f"dose limit: {history.blocked}")
+    if concurrent:
+        problems.append(f"{assessment.icans.text} with {assessment.crs.text}: corticosteroids first, "
+                        "tocilizumab may worsen neurotoxicity (decisions.md rule 1)")
+    if not problems:
+        return []
+    detail = [p[0].upper() + p[1:] + "." for p in problems]
+    detail.append(f"Computed dose: {dose.text}." if dose else
+                  f"No weight in the last {protocol['weight_window_days']} days: no dose can be computed.")
+    if history.next_allowed:
+        detail.append(f"Next dose allowed from {history.next_allowed:%Y-%m-%d %H:%M} UTC.")
+    replacement = None
+    if computed and order.dose_mg != computed and not concurrent and not history.blocked:
+        replacement = MedicationOrder("tocilizumab", computed, "IV", None, f"tocilizumab {computed:g} mg {rules['route']}")
+    return [Recommendation("tocilizumab-order-check", "warning", "Tocilizumab order: " + problems[0],
+                           detail, rules["source"] + "; decisions.md rule 9", replacement,
+                           target=order.reference, replace_target=replacement is not None)]
+
+
+def review_orders(draft_resources: Iterable[Mapping], patient_resources: Iterable[Mapping], now: datetime,
+                  selections: Iterable[str] | None = None, protocol: Protocol | None = None,
+                  terminology: Terminology | None = None, unread_sources=()) -> tuple[Assessment, list[Recommendation]]:
+    """Check draft orders (only the ``selections`` when given, as order-select asks) against the
+    patient's record at ``now``."""
+    protocol = protocol or default_protocol()
+    terminology = terminology or load_terminology()
+    patient_resources = list(patient_resources)
+    assessment = assess(patient_resources, now, protocol, terminology, unread_sources)
+    drafts = read_draft_orders(draft_resources, terminology)
+    focus = set(selections) if selections else None
+    findings: list[Recommendation] = []
+    for order in drafts:
+        if focus is not None and order.reference not in focus:
+            continue
+        findings += gm_csf_after_iec(order, assessment, protocol)
+        findings += steroid_premedication(order, assessment, drafts, patient_resources, now, protocol, terminology)
+        findings += tocilizumab_order(order, assessment, protocol)
+    return assessment, findings

@@ -1,0 +1,43 @@
+"""Typed errors, mapped to HTTP statuses only at the edge (the hooks layer)."""
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base: ``status`` is the HTTP status the edge answers with; ``message`` is safe to show."""
+
+    status = 500
+    code = "exception"  # FHIR OperationOutcome issue type
+
+    def __init__(self, message: str, *, expression: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.expression = expression
+
+
+class BadRequest(ServiceError):
+    """The request itself is wrong: malformed JSON, schema violation, wrong hook for the service."""
+
+    status = 400
+    code = "invalid"
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not-found"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "too-costly"
+
+
+class PreconditionFailed(ServiceError):
+    """Required FHIR data cannot be had (no prefetch and no usable FHIR server)."""
+
+    status = 412
+    code = "incomplete"
+
+
+class DependencyDown(ServiceError):
+    status = 503
+    code = "transient"

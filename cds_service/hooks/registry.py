@@ -1,0 +1,160 @@
+"""The services this CDS Hooks server offers: declared once, driving discovery and dispatch.
+
+To find what a service does, read its declaration in ``SERVICES`` and its handler just above.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+from ..clinical import assess
+from ..clinical.model import Assessment, Unreadable
+from ..clinical.orders import review_orders
+from ..clinical.protocol import Protocol
+from ..errors import PreconditionFailed
+from ..fhir.bundle import resources_in
+from ..terminology import Terminology
+from .cards import assessment_cards, finding_cards
+
+log = logging.getLogger("crs_cds.hooks")
+
+# ValueSets whose codes the prefetch searches ask for (a site's local codes join automatically).
+VITALS_VALUESETS = ("body-temperature", "systolic-blood-pressure", "blood-pressure-panel", "oxygen-flow-rate",
+                    "oxygen-delivery-method", "pulse-oximetry")
+ASSESSMENT_VALUESETS = ("body-weight", "ferritin", "c-reactive-protein")
+ICANS_CODES = ("ice-score", "capd-score", "consciousness", "seizure", "motor-weakness", "cerebral-edema")
+
+
+@dataclass
+class HookCall:
+    """One validated hook request with its FHIR data gathered."""
+
+    service: "ServiceDeclaration"
+    request: dict
+    resources: list[dict]
+    unread: list[Unreadable]
+    now: datetime
+    protocol: Protocol
+    terminology: Terminology
+    notes: dict = field(default_factory=dict)  # for the call's log line
+
+    @property
+    def context(self) -> dict:
+        return self.request["context"]
+
+
+@dataclass(frozen=True)
+class ServiceDeclaration:
+    id: str
+    hook: str
+    title: str
+    description: str
+    handler: Callable[[HookCall], list[dict]]
+    prefetch_keys: tuple[str, ...]
+    required_keys: frozenset[str]
+    usage_requirements: str | None = None
+
+    def discovery(self, templates: dict[str, str]) -> dict:
+        entry = {"hook": self.hook, "id": self.id, "title": self.title, "description": self.description,
+                 "prefetch": {key: templates[key] for key in self.prefetch_keys}}
+        if self.usage_requirements:
+            entry["usageRequirements"] = self.usage_requirements
+        return entry
+
+
+def prefetch_templates(terminology: Terminology) -> dict[str, str]:
+    """Prefetch templates with only root-level context tokens (Epic, Oracle Health and the Sandbox
+    all support these). Searches are narrowed by code and newest-first with a page size, since a
+    template cannot carry a date; the service follows ``next`` links itself when it needs more."""
+    def codes(valuesets) -> list[str]:
+        found = {f"{system}|{code}" for vs in valuesets for (system, code) in terminology[vs].codes}
+        return sorted(found)
+
+    from ..terminology import IEC_TOXICITY
+
+    vitals = ",".join(codes(VITALS_VALUESETS))
+    assessments = ",".join(codes(ASSESSMENT_VALUESETS) + [f"{IEC_TOXICITY}|{c}" for c in ICANS_CODES])
+    return {
+        "patient": "Patient/{{context.patientId}}",
+        "vitals": "Observation?patient={{context.patientId}}&code=" + vitals + "&_sort=-date&_count=500",
+        "assessments": "Observation?patient={{context.patientId}}&code=" + assessments + "&_sort=-date&_count=200",
+        "medications": "MedicationAdministration?patient={{context.patientId}}&_count=500",
+    }
+
+
+def _assess_or_412(call: HookCall) -> Assessment:
+    assessment = assess(call.resources, call.now, call.protocol, call.terminology, call.unread)
+    if not assessment.assessable:
+        raise PreconditionFailed("the patient's medication administrations could not be read, so whether "
+                                 "IEC therapy was given cannot be told: "
+                                 + "; ".join(f"{u.reference}: {u.reason}" for u in call.unread))
+    call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
+    return assessment
+
+
+def patient_view(call: HookCall) -> list[dict]:
+    """CRS and ICANS grades with evidence, dosing and pitfalls; no card when out of scope."""
+    assessment = _assess_or_412(call)
+    return assessment_cards(assessment, call.terminology)
+
+
+def _draft_resources(call: HookCall) -> list[dict]:
+    draft = call.context["draftOrders"]
+    if "type" not in draft:
+        call.notes["lenient"] = "draftOrders without Bundle.type"
+    return resources_in(draft)
+
+
+def order_sign(call: HookCall) -> list[dict]:
+    """GM-CSF after IEC therapy, steroid premedication before CAR-T, tocilizumab order checks."""
+    return _order_checks(call, selections=None)
+
+
+def order_select(call: HookCall) -> list[dict]:
+    """The same checks as order-sign, on the selected orders only."""
+    return _order_checks(call, selections=call.context["selections"])
+
+
+def _order_checks(call: HookCall, selections: list[str] | None) -> list[dict]:
+    assessment, findings = review_orders(_draft_resources(call), call.resources, call.now, selections,
+                                         call.protocol, call.terminology, call.unread)
+    if not assessment.assessable:
+        raise PreconditionFailed("the patient's medication administrations could not be read")
+    call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
+    return finding_cards(findings, assessment, call.terminology)
+
+
+ALL_KEYS = ("patient", "vitals", "assessments", "medications")
+REQUIRED = frozenset({"vitals", "assessments", "medications"})
+
+SERVICES = [
+    ServiceDeclaration(
+        id="crs-icans-assessment",
+        hook="patient-view",
+        title="CRS and ICANS grading after CAR-T or T-cell engager therapy",
+        description="Grades cytokine release syndrome and ICANS by the ASTCT 2019 consensus for patients within "
+                    "30/60 days of CAR-T or bispecific T-cell engager therapy, with the evidence, weight-based "
+                    "tocilizumab and corticosteroid dosing, and pitfalls (e.g. tocilizumab in concurrent ICANS). "
+                    "Silent for other patients.",
+        handler=patient_view, prefetch_keys=ALL_KEYS, required_keys=REQUIRED,
+        usage_requirements="Needs read access to Patient, Observation (vital signs, weight, ferritin, ICANS "
+                           "assessments coded in http://crs-cds.org/fhir/CodeSystem/iec-toxicity) and "
+                           "MedicationAdministration."),
+    ServiceDeclaration(
+        id="crs-order-safety-sign",
+        hook="order-sign",
+        title="CAR-T/T-cell engager order safety (sign)",
+        description="At signing: warns on GM-CSF after IEC therapy (suggests removing it or ordering filgrastim), "
+                    "steroid premedication before CAR-T, and tocilizumab orders outside the protocol's dose and "
+                    "limits (with the computed dose).",
+        handler=order_sign, prefetch_keys=ALL_KEYS, required_keys=REQUIRED),
+    ServiceDeclaration(
+        id="crs-order-safety-select",
+        hook="order-select",
+        title="CAR-T/T-cell engager order safety (select)",
+        description="The order-sign checks, run as orders are selected, on the selected orders only.",
+        handler=order_select, prefetch_keys=ALL_KEYS, required_keys=REQUIRED),
+]
+SERVICES_BY_ID = {service.id: service for service in SERVICES}
