@@ -43,6 +43,9 @@ ICANS_CODES = {
     "motor-weakness": "motor_weakness",
     "cerebral-edema": "cerebral_edema",
 }
+# Coded ICANS answers are recognised by these ValueSets; the protocol maps each answer to a grade.
+ICANS_ANSWER_VALUESETS = {"consciousness": "icans-consciousness-levels", "seizure": "icans-seizure-findings",
+                          "cerebral_edema": "icans-cerebral-edema-findings"}
 QUANTITY_UNITS = {"temperature": "Cel", "sbp": "mmHg", "o2_flow": "L/min", "weight": "kg",
                   "ferritin": "ng/mL", "crp": "mg/L"}
 LABEL_UNITS = {"temperature": "°C", "sbp": "mmHg", "o2_flow": "L/min", "weight": "kg",
@@ -210,16 +213,11 @@ class FactExtractor:
                 raise UnreadableValue("motor weakness needs valueBoolean")
             return present, "deep focal motor weakness" if present else "no focal motor weakness", False
         # consciousness, seizure, cerebral_edema: coded answers from the project CodeSystem
-        grades = self._icans_answer_grades(kind)
+        answers = self.terms[ICANS_ANSWER_VALUESETS[kind]]
         for system, code in codeable_codes(holder.get("valueCodeableConcept")):
-            if system == IEC_TOXICITY and code in grades:
+            if (system, code) in answers.codes:
                 return code, f"{_human(kind)}: {code.replace('-', ' ')}", False
-        raise UnreadableValue(f"answer must be one of {sorted(grades)}")
-
-    def _icans_answer_grades(self, kind: str) -> dict:
-        icans = self.protocol["icans"]
-        return {"consciousness": icans["consciousness_grades"], "seizure": icans["seizure_grades"],
-                "cerebral_edema": icans["cerebral_edema_grades"]}[kind]
+        raise UnreadableValue(f"answer must be a code of ValueSet {answers.id}")
 
     def _device(self, holder: Mapping) -> tuple[int, str, bool]:
         codeable = holder.get("valueCodeableConcept")
