@@ -1,0 +1,110 @@
+"""The crs-cds command, run as a user runs it (a subprocess), and from an installed wheel."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from cds_service.scenarios import by_name
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = "2026-11-21T12:00:00Z"
+
+
+def run(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cds_service.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def scenario_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("scenarios")
+    result = run("scenarios", "write", str(folder), "--now", NOW)
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def test_grade_prints_grades_evidence_and_recommendations(scenario_dir):
+    result = run("grade", str(scenario_dir / "crs3-norepi-vaso.json"), "--now", NOW)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("CRS grade 3, ICANS grade 1")
+    assert "norepinephrine running from" in result.stdout
+    assert "Recommendations:" in result.stdout and "tocilizumab" in result.stdout
+
+
+def test_grade_json_has_the_documented_shape(scenario_dir):
+    result = run("grade", str(scenario_dir / "concurrent-icans-crs1.json"), "--now", NOW, "--json")
+    data = json.loads(result.stdout)
+    assert data["crs"]["grade"] == 1 and data["icans"]["grade"] == 2
+    assert isinstance(data["recommendations"], list) and data["recommendations"]
+    assert "tocilizumab" not in {r["topic"] for r in data["recommendations"]}
+
+
+def test_out_of_scope_json_gives_null_grades_with_a_reason(scenario_dir):
+    data = json.loads(run("grade", str(scenario_dir / "no-iec-therapy.json"), "--now", NOW, "--json").stdout)
+    assert data["crs"]["grade"] is None and data["icans"]["grade"] is None
+    assert "no IEC therapy" in data["crs"]["reason"]
+
+
+def test_ndjson_input(tmp_path):
+    resources = by_name("crs4-bipap").resources(__import__("datetime").datetime.fromisoformat(NOW.replace("Z", "+00:00")))
+    path = tmp_path / "patient.ndjson"
+    path.write_text("\n".join(json.dumps(r) for r in resources) + "\n")
+    data = json.loads(run("grade", str(path), "--now", NOW, "--json").stdout)
+    assert data["crs"]["grade"] == 4
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "empty"), ("{not json", "not valid JSON"), ('{"hello": 1}', "not a FHIR resource"),
+    ('{"resourceType": "Bundle", "entry": "x"}', "Bundle.entry"),
+])
+def test_bad_files_get_one_line_and_exit_2(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    result = run("grade", str(path))
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_file_and_bad_now_exit_2(tmp_path):
+    assert run("grade", str(tmp_path / "nope.json")).returncode == 2
+    path = tmp_path / "b.json"
+    path.write_text('{"resourceType": "Bundle", "type": "collection"}')
+    result = run("grade", str(path), "--now", "yesterday")
+    assert result.returncode == 2 and "--now" in result.stderr
+
+
+def test_installed_wheel_carries_its_data_and_works_from_another_directory(tmp_path, scenario_dir):
+    """pip install of the built wheel (not editable), run from a folder far from the source."""
+    wheels = tmp_path / "wheels"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(wheels), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    [wheel] = wheels.glob("crs_cds-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "cds_service/fhir_profiles/ValueSet-vasopressors.json" in names
+    assert "cds_service/cards/crs-icans-assessment.json" in names
+    assert "cds_service/clinical/default_protocol.json" in names
+    assert "cds_service/hooks/schemas/request.json" in names
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    script = target / "bin" / "crs-cds"
+    result = subprocess.run([sys.executable, str(script), "grade", str(scenario_dir / "crs2-child-blow-by.json"),
+                             "--now", NOW, "--json"], capture_output=True, text=True, cwd=elsewhere, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["crs"]["grade"] == 2
+    located = subprocess.run([sys.executable, "-c", "import cds_service; print(cds_service.__file__)"],
+                             capture_output=True, text=True, cwd=elsewhere, env=env)
+    assert located.stdout.startswith(str(target))
