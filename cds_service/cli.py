@@ -77,6 +77,73 @@ def cmd_scenarios_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(path: str | None):
+    from .settings import Settings, SettingsError
+
+    try:
+        return Settings.load(path)
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Development server. Production: gunicorn (see README, "Serving")."""
+    import logging
+
+    from .app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(_settings(args.config))
+    app.run(host=args.host, port=args.port, threaded=True)
+    return 0
+
+
+def cmd_scenarios_load(args: argparse.Namespace) -> int:
+    """Load every scenario into a FHIR R4 server as one transaction Bundle each."""
+    import requests
+
+    from .scenarios import SCENARIOS
+
+    base = args.fhir_server.rstrip("/")
+    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+    if args.bearer:
+        headers["Authorization"] = f"Bearer {args.bearer}"
+    now = _now(args.now)
+    failures = 0
+    with requests.Session() as session:
+        for scenario in SCENARIOS:
+            try:
+                answer = session.post(base, json=scenario.bundle(now), headers=headers, timeout=args.timeout)
+                ok = answer.status_code < 300
+                status = str(answer.status_code)
+            except requests.RequestException as exc:
+                ok, status = False, type(exc).__name__
+            failures += not ok
+            print(f"{'loaded' if ok else 'FAILED'} {scenario.name:40} {status}  Patient/{scenario.name}")
+    if failures:
+        raise CliError(f"{failures} of {len(SCENARIOS)} scenarios could not be loaded into {base}")
+    return 0
+
+
+def cmd_scenarios_requests(args: argparse.Namespace) -> int:
+    """Write ready-made patient-view hook requests (with full prefetch) for the scenarios."""
+    from .examples import hook_request
+    from .scenarios import SCENARIOS, by_name
+
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = _now(args.now)
+    try:
+        chosen = [by_name(name) for name in args.names] if args.names else SCENARIOS
+    except KeyError as exc:
+        raise CliError(str(exc.args[0])) from None
+    for scenario in chosen:
+        target = folder / f"{scenario.name}.json"
+        target.write_text(json.dumps(hook_request(scenario, now), indent=2) + "\n", encoding="utf-8")
+        print(target)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crs-cds", description="CRS/ICANS (ASTCT) grading and CDS Hooks service")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -96,7 +163,41 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("dir")
     write.add_argument("--now", help="time the scenarios are built around (default: now)")
     write.set_defaults(handler=cmd_scenarios_write)
+
+    load = scenario_commands.add_parser("load", help="load the scenarios into a FHIR R4 server")
+    load.add_argument("--fhir-server", required=True, help="the server's base URL")
+    load.add_argument("--bearer", help="an access token for the server")
+    load.add_argument("--now", help="time the scenarios are built around (default: now)")
+    load.add_argument("--timeout", type=float, default=30.0, help="seconds per transaction (default 30)")
+    load.set_defaults(handler=cmd_scenarios_load)
+    requests_ = scenario_commands.add_parser("requests", help="write patient-view hook requests with prefetch")
+    requests_.add_argument("dir")
+    requests_.add_argument("names", nargs="*", help="scenario names (default: all)")
+    requests_.add_argument("--now", help="time the scenarios are built around (default: now)")
+    requests_.set_defaults(handler=cmd_scenarios_requests)
+
+    serve = commands.add_parser("serve", help="run the CDS Hooks service (development server)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--config", help="a JSON settings file (see README, Configuration)")
+    serve.set_defaults(handler=cmd_serve)
+
+    report = commands.add_parser("feedback-report", help="accepted and overridden counts per card topic")
+    report.add_argument("--db", help="the feedback database (default: the feedback_db setting)")
+    report.add_argument("--config", help="a JSON settings file")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(handler=cmd_feedback_report)
     return parser
+
+
+def cmd_feedback_report(args: argparse.Namespace) -> int:
+    from .feedback import FeedbackError, cmd_feedback_report as report
+
+    args.db = args.db or _settings(args.config).feedback_db
+    try:
+        return report(args)
+    except FeedbackError as exc:
+        raise CliError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

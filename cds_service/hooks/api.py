@@ -102,7 +102,8 @@ def call_service(service_id: str):
         validate_hook_request(body, service.hook)
         templates = {key: state.templates[key] for key in service.prefetch_keys}
         gathered = resolve_prefetch(templates, body, state.fhir_client, state.settings, set(service.required_keys))
-        call = HookCall(service, body, gathered.resources, gathered.failures, datetime.now(timezone.utc),
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        call = HookCall(service, body, gathered.resources, gathered.failures, now,
                         state.protocol, state.terminology)
         cards = service.handler(call)
         state.feedback.remember_cards(service_id, body["hookInstance"],

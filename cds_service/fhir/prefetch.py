@@ -1,0 +1,251 @@
+"""Prefetch: render a service's templates, use what the CDS client sent, fetch what is missing.
+
+CDS Hooks 2.0 prefetch rules, key by key (spec-notes 1.3 and pitfall 1):
+
+- key present with a resource or a Bundle: use it (a paginated searchset: fetch the next pages);
+- key present and ``null``: the client found no data; that is an answer, not a failure;
+- key present with an OperationOutcome (or error outcomes in its Bundle): that key failed at the
+  client; fetch it ourselves when we can;
+- key absent: the client did not (or could not) run it; fetch it from ``fhirServer`` with the
+  ``fhirAuthorization`` bearer token, all missing keys in one parallel call under one budget.
+
+When a *required* key can be had neither way the service must answer 412: ``PreconditionFailed``.
+Anything else that fails is recorded as an :class:`Unreadable` so the caller can say so.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+from urllib.parse import quote
+
+from cds_service.clinical.model import Unreadable
+from cds_service.errors import PreconditionFailed
+from cds_service.fhir.bundle import BundleError, resources_in
+from cds_service.fhir.client import FetchOutcome, FhirClient, is_error_outcome, next_link, resource_type_of
+
+_TOKEN = re.compile(r"\{\{(.*?)\}\}")
+_USER_TOKENS = {
+    "userPractitionerId": "Practitioner",
+    "userPractitionerRoleId": "PractitionerRole",
+    "userPatientId": "Patient",
+    "userRelatedPersonId": "RelatedPerson",
+}
+# Substituted values are percent-encoded; "/" stays so that {{context.userId}} can be a read.
+_VALUE_SAFE = "/"
+
+
+def render_template(template: str, context: dict, user_id: str | None = None) -> str | None:
+    """The template with its ``{{...}}`` tokens filled from the context, or None if one cannot be.
+
+    Tokens: ``{{context.<field>}}`` for root-level string/integer context fields, and
+    ``{{userPractitionerId}}``, ``{{userPractitionerRoleId}}``, ``{{userPatientId}}``,
+    ``{{userRelatedPersonId}}`` from ``context.userId`` (or ``user_id`` when given).
+    """
+    if not isinstance(template, str):
+        return None
+    context = context if isinstance(context, dict) else {}
+    if user_id is None and isinstance(context.get("userId"), str):
+        user_id = context["userId"]
+    unfilled = False
+
+    def fill(match: re.Match) -> str:
+        nonlocal unfilled
+        value = _token_value(match.group(1).strip(), context, user_id)
+        if value is None:
+            unfilled = True
+            return ""
+        return quote(value, safe=_VALUE_SAFE)
+
+    rendered = _TOKEN.sub(fill, template)
+    return None if unfilled else rendered
+
+
+def _token_value(token: str, context: dict, user_id: str | None) -> str | None:
+    if token.startswith("context."):
+        name = token[len("context."):]
+        if not name or "." in name or "(" in name:
+            return None  # only root-level fields are tokens in CDS Hooks 2.0
+        value = context.get(name)
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            return None
+        value = str(value)
+        return value or None
+    if token in _USER_TOKENS:
+        if not user_id or "/" not in user_id:
+            return None
+        user_type, _, user_ref_id = user_id.partition("/")
+        if user_type != _USER_TOKENS[token] or not user_ref_id or "/" in user_ref_id:
+            return None
+        return user_ref_id
+    return None
+
+
+@dataclass
+class PrefetchResult:
+    resources: list[dict] = field(default_factory=list)
+    failures: list[Unreadable] = field(default_factory=list)  # one per failed or incomplete key
+    sources: dict[str, str] = field(default_factory=dict)     # key -> "prefetch" | "fetched" | "failed"
+    fetch_seconds: float = 0.0
+
+    @property
+    def failed_keys(self) -> list[str]:
+        return [key for key, source in self.sources.items() if source == "failed"]
+
+
+@dataclass
+class _Key:
+    name: str
+    template: str
+    rendered: str | None
+    resources: list[dict] = field(default_factory=list)
+    source: str = "prefetch"
+    failure: str | None = None   # a reason when the key failed or is incomplete
+    fetch: str | None = None     # query (relative) or next-page URL (absolute) to fetch
+    continuation: bool = False   # ``fetch`` continues a prefetched page
+    absent: bool = False         # the client did not send this key at all
+
+    @property
+    def resource_type(self) -> str:
+        for candidate in (self.rendered, self.template):
+            if candidate and "{{" not in resource_type_of(candidate):
+                return resource_type_of(candidate) or "unknown"
+        return "unknown"
+
+
+def resolve_prefetch(templates: dict[str, str], request: dict, client: FhirClient, settings: Any,
+                     required: Iterable[str] = frozenset()) -> PrefetchResult:
+    """The resources for a service's prefetch templates, from the request and from fhirServer.
+
+    Raises ``PreconditionFailed`` naming the keys when a key in ``required`` was not prefetched
+    and there is no FHIR server to fetch it from. A key that was tried and failed (an
+    OperationOutcome, a failed fetch) is returned in ``failures`` for the caller to judge.
+    """
+    required = set(required)
+    prefetch = request.get("prefetch")
+    prefetch = prefetch if isinstance(prefetch, dict) else {}
+    context = request.get("context") if isinstance(request.get("context"), dict) else {}
+    server = request.get("fhirServer")
+    server = server.strip() if isinstance(server, str) and server.strip() else None
+    authorization = request.get("fhirAuthorization")
+    token = authorization.get("access_token") if isinstance(authorization, dict) else None
+    token = token if isinstance(token, str) and token else None
+
+    keys = [_Key(name, template, render_template(template, context)) for name, template in templates.items()]
+    for key in keys:
+        if key.name in prefetch:
+            _use_prefetched(key, prefetch[key.name])
+        else:
+            key.failure, key.absent = "not prefetched", True
+            _plan_fetch(key)
+
+    # What needs the FHIR server, and what cannot be had at all.
+    wanted = [key for key in keys if key.fetch is not None]
+    if wanted and server is None:
+        for key in wanted:
+            if not key.continuation:
+                key.source = "failed"
+            key.failure = (f"{key.failure}; no fhirServer to fetch from" if key.continuation
+                           else f"{key.failure} and no fhirServer to fetch it from")
+            key.fetch = None
+        wanted = []
+    # 412 is for data that could not even be asked for; a source that was tried and failed is
+    # passed on as unread, so the grade says "at least N" and names it (decisions.md 7).
+    unobtainable = [key for key in keys if key.absent and key.source == "failed" and key.fetch is None
+                    and key.name in required]
+    if unobtainable:
+        raise PreconditionFailed(_precondition_message(unobtainable), expression="prefetch")
+
+    result = PrefetchResult()
+    if wanted:
+        started = time.monotonic()
+        outcomes = client.fetch(server, {key.name: key.fetch for key in wanted}, token,
+                                settings.fhir_budget_seconds)
+        result.fetch_seconds = time.monotonic() - started
+        for key in wanted:
+            _apply_outcome(key, outcomes[key.name], settings)
+
+    seen: set[tuple[str, str]] = set()
+    for key in keys:
+        result.sources[key.name] = key.source
+        if key.failure is not None:
+            result.failures.append(Unreadable(reference=f"prefetch:{key.name}", reason=key.failure,
+                                              source=key.resource_type))
+        for resource in key.resources:
+            identity = resource.get("id")
+            if isinstance(identity, str) and identity:
+                marker = (resource["resourceType"], identity)
+                if marker in seen:
+                    continue
+                seen.add(marker)
+            result.resources.append(resource)
+    return result
+
+
+def _use_prefetched(key: _Key, value: Any) -> None:
+    """Take a prefetched value; on a client-side failure plan a fetch instead."""
+    if value is None:
+        key.resources, key.source, key.failure = [], "prefetch", None
+        return
+    if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
+        key.failure = "prefetched value is not a FHIR resource"
+        _plan_fetch(key)
+        return
+    if value["resourceType"] == "OperationOutcome" and key.resource_type != "OperationOutcome":
+        key.failure = "the CDS client's prefetch failed (OperationOutcome)"
+        _plan_fetch(key)
+        return
+    if value["resourceType"] != "Bundle" or key.resource_type == "Bundle":
+        key.resources = [value]
+        return
+    try:
+        found = resources_in(value)
+    except BundleError:
+        key.failure = "prefetched Bundle is malformed"
+        _plan_fetch(key)
+        return
+    outcomes = [r for r in found if r["resourceType"] == "OperationOutcome"]
+    if any(is_error_outcome(o) for o in outcomes):
+        key.failure = "the CDS client's prefetch failed (OperationOutcome in the Bundle)"
+        _plan_fetch(key)
+        return
+    key.resources = [r for r in found if r["resourceType"] != "OperationOutcome"]
+    next_url = next_link(value)
+    if next_url is not None:
+        key.failure = "prefetched Bundle has more pages"
+        key.fetch, key.continuation = next_url, True
+
+
+def _plan_fetch(key: _Key) -> None:
+    key.resources, key.source = [], "failed"  # until a fetch gives it
+    if key.rendered is None:
+        key.failure = f"{key.failure}; the template cannot be filled from the hook context"
+        return
+    key.fetch, key.continuation = key.rendered, False
+
+
+def _apply_outcome(key: _Key, outcome: FetchOutcome, settings: Any) -> None:
+    if key.continuation:  # key.resources holds the prefetched first page
+        if outcome.resources is None:
+            key.failure = f"incomplete: further pages could not be fetched ({outcome.error})"
+            return
+        key.resources = key.resources + outcome.resources
+        key.failure = None if outcome.complete else f"incomplete: {outcome.error or 'cut short'}"
+        cap = settings.fhir_max_resources_per_key
+        if len(key.resources) > cap:
+            key.resources = key.resources[:cap]
+            key.failure = f"incomplete: stopped at {cap} resources (resource limit)"
+        return
+    if outcome.resources is None:
+        key.resources, key.source = [], "failed"
+        key.failure = outcome.error or "the FHIR server fetch failed"
+        return
+    key.resources, key.source = outcome.resources, "fetched"
+    key.failure = None if outcome.complete else f"incomplete: {outcome.error or 'cut short'}"
+
+
+def _precondition_message(keys: list[_Key]) -> str:
+    names = ", ".join(key.name for key in keys)
+    reasons = "; ".join(f"{key.name}: {key.failure}" for key in keys)
+    return f"required FHIR data could not be obtained for prefetch key(s) {names} ({reasons})"

@@ -1,0 +1,207 @@
+"""Shared fixtures.
+
+``fhir_server``: a real FHIR R4 server (sekmet-fhir) for the whole test session, on a free
+loopback port, with its data in a temporary folder. Install it with ``make fhir-server``; the
+Makefile passes its path in ``CRS_CDS_SEKMET``. Tests share the server, so each test module should
+use its own patient ids (e.g. with a uuid in them).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SEKMET = Path(".fhir-venv") / "bin" / "sekmet"
+STARTUP_SECONDS = 30.0
+
+
+def _sekmet_executable() -> Path | None:
+    candidates = []
+    configured = os.environ.get("CRS_CDS_SEKMET")
+    if configured:
+        path = Path(configured)
+        candidates += [path] if path.is_absolute() else [REPO_ROOT / path, Path.cwd() / path]
+    candidates.append(REPO_ROOT / DEFAULT_SEKMET)
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class FhirServer:
+    """A running sekmet-fhir server: ``base_url`` (ends in /fhir) and ``load(bundle)``."""
+
+    def __init__(self, base_url: str, process: subprocess.Popen, log_path: Path):
+        self.base_url = base_url
+        self.process = process
+        self.log_path = log_path
+
+    def load(self, bundle: dict) -> dict:
+        """POST a transaction (or batch) Bundle; asserts a 2xx answer and returns the response Bundle."""
+        response = requests.post(self.base_url, json=bundle, timeout=30,
+                                 headers={"Content-Type": "application/fhir+json",
+                                          "Accept": "application/fhir+json"})
+        assert 200 <= response.status_code < 300, (
+            f"loading the Bundle into sekmet failed: {response.status_code} {response.text[:2000]}")
+        return response.json()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log_path, lines)
+
+
+@pytest.fixture(scope="session")
+def fhir_server(tmp_path_factory: pytest.TempPathFactory):
+    executable = _sekmet_executable()
+    if executable is None:
+        pytest.fail("sekmet-fhir is not installed: run `make fhir-server` (or set CRS_CDS_SEKMET to the "
+                    "sekmet executable); the FHIR integration tests need a real FHIR server", pytrace=False)
+    workdir = tmp_path_factory.mktemp("sekmet")
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}/fhir"
+    config = workdir / "sekmet.yaml"
+    config.write_text(
+        f"base_url: {base_url}\n"
+        "host: 127.0.0.1\n"
+        f"port: {port}\n"
+        f"data_dir: {workdir / 'data'}\n"
+        "simulator:\n  enabled: false\n"
+        "log_inbound: false\n",
+        encoding="utf-8",
+    )
+    log_path = workdir / "sekmet.log"
+    env = dict(os.environ, SEKMET_CONFIG=str(config))
+    with open(log_path, "wb") as log:
+        # cwd in the temp folder: anything sekmet writes next to itself stays out of the checkout.
+        process = subprocess.Popen([str(executable), "serve"], cwd=workdir, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"sekmet exited with code {process.returncode} before answering; log tail:\n"
+                            f"{_tail(log_path)}", pytrace=False)
+            try:
+                if requests.get(f"{base_url}/metadata", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"sekmet did not answer {base_url}/metadata within {STARTUP_SECONDS:.0f} s; "
+                            f"log tail:\n{_tail(log_path)}", pytrace=False)
+            time.sleep(0.1)
+        yield FhirServer(base_url, process, log_path)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+# -- small real HTTP servers for fault injection --------------------------------------------------
+
+class SeenRequest:
+    def __init__(self, method: str, path: str, headers: dict[str, str]):
+        self.method = method
+        self.path = path
+        self.headers = headers  # lower-case names
+
+
+class LocalHttpServer:
+    """A real HTTP server on 127.0.0.1 in a thread, answering with ``handler(request, server)``.
+
+    The handler returns ``(status, body)`` or ``(status, body, headers)`` (body: bytes, str or a
+    JSON-able object, sent as application/fhir+json), or ``None`` after writing the answer itself
+    through ``request.raw`` (a ``BaseHTTPRequestHandler``). ``stop`` is an Event set at teardown:
+    wait on it instead of sleeping, so slow handlers end with the test.
+    """
+
+    def __init__(self, handler):
+        import json as _json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        owner = self
+        self.requests: list[SeenRequest] = []
+        self.stop = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_GET(self):
+                seen = SeenRequest("GET", self.path, {k.lower(): v for k, v in self.headers.items()})
+                seen.raw = self
+                owner.requests.append(seen)
+                try:
+                    answer = handler(seen, owner)
+                    if answer is None:
+                        return
+                    status, body, *rest = answer
+                    headers = rest[0] if rest else {}
+                    if not isinstance(body, (bytes, str)):
+                        body = _json.dumps(body)
+                    data = body.encode() if isinstance(body, str) else body
+                    self.send_response(status)
+                    self.send_header("Content-Type", headers.pop("Content-Type", "application/fhir+json"))
+                    self.send_header("Content-Length", str(len(data)))
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_POST = do_GET
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        host, port = self._server.server_address[:2]
+        self.origin = f"http://{host}:{port}"
+        self.base_url = f"{self.origin}/fhir"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def local_http():
+    """Factory: ``local_http(handler)`` starts a LocalHttpServer, stopped after the test."""
+    servers: list[LocalHttpServer] = []
+
+    def start(handler) -> LocalHttpServer:
+        server = LocalHttpServer(handler)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()

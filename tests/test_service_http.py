@@ -1,0 +1,386 @@
+"""The CDS Hooks service through real HTTP: a real server on a loopback port, a real FHIR server
+(sekmet-fhir) loaded with the scenario library, and the conformance points of spec-notes.md 1."""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import re
+import threading
+import uuid
+from datetime import datetime, timezone
+from urllib.parse import quote
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from cds_service.app import create_app
+from cds_service.examples import hook_request
+from cds_service.fhir.prefetch import render_template
+from cds_service.hooks.api import schema_validator
+from cds_service.scenarios import SCENARIOS, by_name
+
+SARGRAMOSTIM_DRUG = "Leukine (sargramostim) 250 mcg/m2 IV"
+from cds_service.settings import Settings
+
+SUMMARY = re.compile(r"^CRS grade (at least )?(\d)|ICANS grade (at least )?(\d)")
+
+
+class Service:
+    def __init__(self, app):
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.base = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def post(self, path: str, body, **kwargs) -> requests.Response:
+        data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+        return requests.post(self.base + path, data=data, headers={"Content-Type": "application/json"},
+                             timeout=30, **kwargs)
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+@pytest.fixture(scope="module")
+def loaded_fhir(fhir_server, now):
+    for scenario in SCENARIOS:
+        fhir_server.load(scenario.bundle(now))
+    return fhir_server
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("svc")
+    app = create_app(Settings(feedback_db=str(folder / "feedback.sqlite3"), fhir_budget_seconds=10,
+                              fhir_timeout_seconds=8))
+    running = Service(app)
+    yield running
+    running.close()
+
+
+def walk(value, path="$"):
+    """Every (path, value) in a JSON document."""
+    yield path, value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from walk(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from walk(item, f"{path}[{index}]")
+
+
+def assert_conformant(body: dict) -> None:
+    """spec-notes 1.0 and 1.5: no null or empty values, uuids, summary < 140, selectionBehavior."""
+    errors = list(schema_validator("response").iter_errors(body))
+    assert not errors, errors[0].message
+    for path, value in walk(body):
+        if path == "$.cards":
+            continue
+        assert value is not None and value != "" and value != [] and value != {}, f"empty value at {path}"
+    for card in body["cards"]:
+        uuid.UUID(card["uuid"])
+        assert len(card["summary"]) < 140
+        if "suggestions" in card:
+            assert card["selectionBehavior"] == "any"
+            for suggestion in card["suggestions"]:
+                uuid.UUID(suggestion["uuid"])
+                assert len(suggestion["actions"]) == 1
+
+
+def client_prefetch(fhir_base: str, service_entry: dict, context: dict) -> dict:
+    """What a CDS client that honours the discovery templates sends: each template run on the FHIR server."""
+    prefetch = {}
+    for key, template in service_entry["prefetch"].items():
+        query = render_template(template, context)
+        path, _, params = query.partition("?")
+        encoded = "&".join(f"{p.split('=', 1)[0]}={quote(p.split('=', 1)[1], safe=',:/')}" for p in params.split("&")
+                           if p) if params else ""
+        answer = requests.get(f"{fhir_base}/{path}" + (f"?{encoded}" if encoded else ""), timeout=30,
+                              headers={"Accept": "application/fhir+json"})
+        prefetch[key] = answer.json() if answer.status_code == 200 else None
+    return prefetch
+
+
+def comparable(cards: list[dict]) -> list:
+    """Cards without the parts that differ per call (uuids)."""
+    stripped = copy.deepcopy(cards)
+    for _, value in walk(stripped):
+        if isinstance(value, dict):
+            value.pop("uuid", None)
+            if value.get("resourceType") == "Observation":
+                value.pop("effectiveDateTime", None)  # the time of the call
+    return stripped
+
+
+def assert_same_cards(first: list[dict], second: list[dict]) -> None:
+    a, b = (json.dumps(comparable(c), indent=1, sort_keys=True).splitlines() for c in (first, second))
+    assert a == b, "\n".join(difflib.unified_diff(a, b, "with prefetch", "fetched", lineterm="", n=1))
+
+
+# ---- Discovery ------------------------------------------------------------------------------------
+
+def test_discovery(service):
+    answer = requests.get(service.base + "/cds-services", timeout=10)
+    assert answer.status_code == 200
+    body = answer.json()
+    assert not list(schema_validator("discovery").iter_errors(body))
+    ids = [s["id"] for s in body["services"]]
+    assert len(ids) == len(set(ids)) == 3
+    assert {s["hook"] for s in body["services"]} == {"patient-view", "order-sign", "order-select"}
+    for entry in body["services"]:
+        for template in entry["prefetch"].values():
+            tokens = re.findall(r"\{\{(.*?)\}\}", template)
+            assert tokens and all(re.fullmatch(r"context\.[A-Za-z]+", t) for t in tokens), template
+
+
+# ---- Every scenario, with client prefetch and with no prefetch -------------------------------------
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_scenario_cards_agree_with_and_without_prefetch(service, loaded_fhir, scenario):
+    discovery = requests.get(service.base + "/cds-services", timeout=10).json()
+    entry = next(s for s in discovery["services"] if s["id"] == "crs-icans-assessment")
+    context = {"userId": "Practitioner/example", "patientId": scenario.name}
+    with_prefetch = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": context,
+                     "prefetch": client_prefetch(loaded_fhir.base_url, entry, context)}
+    fetching = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": context,
+                "fhirServer": loaded_fhir.base_url}
+    first = service.post("/cds-services/crs-icans-assessment", with_prefetch)
+    second = service.post("/cds-services/crs-icans-assessment", fetching)
+    assert first.status_code == 200, first.text
+    assert second.status_code == 200, second.text
+    assert_conformant(first.json())
+    assert_conformant(second.json())
+    assert_same_cards(first.json()["cards"], second.json()["cards"])
+    cards = first.json()["cards"]
+    if scenario.expected_crs is None and scenario.expected_icans is None:
+        assert cards == []
+        return
+    summary = cards[0]["summary"]
+    if scenario.expected_crs is not None:
+        assert summary.startswith(f"CRS grade {scenario.expected_crs}"), summary
+    if scenario.expected_icans is not None:
+        assert f"ICANS grade {scenario.expected_icans}" in summary, summary
+    topics = {c["source"]["topic"]["code"] for c in cards}
+    assert "crsIcansAssessment" in topics
+
+
+# ---- Card content ---------------------------------------------------------------------------------
+
+def cards_for(service, name: str, now: datetime) -> list[dict]:
+    answer = service.post("/cds-services/crs-icans-assessment", hook_request(by_name(name), now))
+    assert answer.status_code == 200, answer.text
+    assert_conformant(answer.json())
+    return answer.json()["cards"]
+
+
+def actions(card: dict) -> list[dict]:
+    return [a for s in card.get("suggestions", []) for a in s["actions"]]
+
+
+def test_tocilizumab_suggestion_is_a_medication_request_in_mg(service, now):
+    [main, *_] = cards_for(service, "crs3-norepi-vaso", now)
+    orders = [a["resource"] for a in actions(main) if a["resource"].get("resourceType") == "MedicationRequest"]
+    toci = next(o for o in orders if o["medicationCodeableConcept"]["text"] == "tocilizumab")
+    dose = toci["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]
+    assert dose["code"] == "mg" and dose["system"] == "http://unitsofmeasure.org" and dose["value"] > 0
+    assert toci["medicationCodeableConcept"]["coding"][0]["code"] == "612865"
+    steroid = next(o for o in orders if o["medicationCodeableConcept"]["text"] == "dexamethasone")
+    assert steroid["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]["value"] == 10
+    assert main["summary"].startswith("CRS grade 3, ICANS grade 1:") and "tocilizumab" in main["summary"]
+    assert main["indicator"] == "critical"
+
+
+def test_grade_observation_suggestions_use_the_project_profiles(service, now):
+    from fhir.resources.R4B.observation import Observation
+
+    [main, *_] = cards_for(service, "crs2-hypotension-fluids", now)
+    observations = [a["resource"] for a in actions(main) if a["resource"]["resourceType"] == "Observation"]
+    assert {o["meta"]["profile"][0].rsplit("/", 1)[-1] for o in observations} == {
+        "crs-grade-observation", "icans-grade-observation"}
+    for observation in observations:
+        Observation.model_validate(observation)
+    assert next(o for o in observations if o["code"]["coding"][0]["code"] == "crs-grade")["valueInteger"] == 2
+
+
+def test_no_tocilizumab_suggestion_in_concurrent_icans_and_the_card_says_why(service, now):
+    cards = cards_for(service, "concurrent-icans-crs1", now)
+    all_orders = [a["resource"] for c in cards for a in actions(c) if a["resource"]["resourceType"] == "MedicationRequest"]
+    assert not any(o["medicationCodeableConcept"]["text"] == "tocilizumab" for o in all_orders)
+    concurrent = next(c for c in cards if c["source"]["topic"]["code"] == "concurrentIcans")
+    assert "neurotoxicity" in concurrent["detail"] and concurrent["overrideReasons"]
+
+
+def test_dose_limit_reached_gives_no_tocilizumab_order(service, now):
+    cards = cards_for(service, "crs3-refractory-four-doses", now)
+    main = cards[0]
+    assert "Dose limit reached" in main["detail"]
+    assert not any(a["resource"].get("medicationCodeableConcept", {}).get("text") == "tocilizumab"
+                   for a in actions(main))
+    assert any(c["source"]["topic"]["code"] == "refractoryCrs" for c in cards)
+
+
+def test_out_of_scope_patient_gets_an_empty_card_list(service, now):
+    answer = service.post("/cds-services/crs-icans-assessment", hook_request(by_name("no-iec-therapy"), now))
+    assert answer.status_code == 200 and answer.json() == {"cards": []}
+
+
+# ---- Order hooks --------------------------------------------------------------------------------
+
+def order_request(hook: str, scenario: str, now: datetime, orders: list[dict], selections=None) -> dict:
+    body = hook_request(by_name(scenario), now)
+    body["hook"] = hook
+    body["context"]["draftOrders"] = {"resourceType": "Bundle", "entry": [{"resource": o} for o in orders]}
+    if selections:
+        body["context"]["selections"] = selections
+    return body
+
+
+def sandbox_style_order(order_id: str, text: str, dose: float | None = None) -> dict:
+    """As the CDS Hooks Sandbox builds it: no intent, category and reasonCode as single objects."""
+    order = {"resourceType": "MedicationRequest", "id": order_id, "status": "draft",
+             "subject": {"reference": "Patient/x"}, "category": {"text": "inpatient"},
+             "reasonCode": {"text": "neutropenia"}, "medicationCodeableConcept": {"text": text}}
+    if dose:
+        order["dosageInstruction"] = [{"doseAndRate": [{"doseQuantity": {"value": dose, "unit": "mg",
+                                                                           "system": "http://unitsofmeasure.org",
+                                                                           "code": "mg"}}]}]
+    return order
+
+
+def test_order_sign_gm_csf_warning_with_delete_and_filgrastim(service, now):
+    body = order_request("order-sign", "crs1-fever-day1", now,
+                         [sandbox_style_order("request-123", SARGRAMOSTIM_DRUG)])
+    answer = service.post("/cds-services/crs-order-safety-sign", body)
+    assert answer.status_code == 200, answer.text
+    assert_conformant(answer.json())
+    [card] = answer.json()["cards"]
+    assert card["indicator"] == "warning" and card["source"]["topic"]["code"] == "gmCsfAfterIec"
+    [remove, instead] = actions(card)
+    assert remove == {"type": "delete", "description": "Remove MedicationRequest/request-123",
+                      "resourceId": "MedicationRequest/request-123"}
+    assert instead["type"] == "create"
+    assert instead["resource"]["medicationCodeableConcept"]["coding"][0]["code"] == "68442"
+
+
+def test_order_select_looks_at_the_selections_only(service, now):
+    orders = [sandbox_style_order("a", SARGRAMOSTIM_DRUG), sandbox_style_order("b", SARGRAMOSTIM_DRUG)]
+    body = order_request("order-select", "crs1-fever-day1", now, orders, ["MedicationRequest/b"])
+    cards = service.post("/cds-services/crs-order-safety-select", body).json()["cards"]
+    assert [a.get("resourceId") for c in cards for a in actions(c) if a["type"] == "delete"] == ["MedicationRequest/b"]
+
+
+def test_tocilizumab_order_above_the_computed_dose_is_corrected(service, now):
+    body = order_request("order-sign", "crs3-norepi-vaso", now, [sandbox_style_order("t1", "tocilizumab", 1000)])
+    [card] = service.post("/cds-services/crs-order-safety-sign", body).json()["cards"]
+    assert "800 mg" in card["summary"]
+    [update] = actions(card)
+    assert update["type"] == "update" and update["resource"]["id"] == "t1"
+
+
+# ---- Errors -------------------------------------------------------------------------------------
+
+def outcome_of(answer: requests.Response) -> str:
+    body = answer.json()
+    assert body["resourceType"] == "OperationOutcome"
+    return body["issue"][0]["diagnostics"]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ("{not json", 400, "not valid JSON"),
+    ("[1, 2]", 400, "JSON object"),
+    ({"hook": "patient-view", "hookInstance": "x"}, 400, "'context' is a required property"),
+    ({"hook": "patient-view", "hookInstance": "x", "context": {"patientId": "p"}}, 400, "userId"),
+    ({"hook": "patient-view", "hookInstance": "x", "context": {"patientId": 5, "userId": "Practitioner/1"}}, 400,
+     "patientId"),
+    ({"hook": "order-sign", "hookInstance": "x", "context": {"patientId": "p", "userId": "Practitioner/1"}}, 400,
+     "expects hook"),
+    ({"hook": "patient-view", "hookInstance": "x", "context": {"patientId": "p", "userId": "Practitioner/1"},
+      "fhirAuthorization": {"access_token": "t"}}, 400, "fhirServer"),
+])
+def test_bad_requests_get_400_with_an_operation_outcome(service, body, status, message):
+    answer = service.post("/cds-services/crs-icans-assessment", body)
+    assert answer.status_code == status
+    assert message in outcome_of(answer)
+
+
+def test_unknown_service_is_404(service):
+    answer = service.post("/cds-services/nope", {"hook": "patient-view"})
+    assert answer.status_code == 404 and "nope" in outcome_of(answer)
+
+
+def test_no_prefetch_and_no_fhir_server_is_412(service):
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
+            "context": {"patientId": "p", "userId": "Practitioner/1"}}
+    answer = service.post("/cds-services/crs-icans-assessment", body)
+    assert answer.status_code == 412
+    assert "medications" in outcome_of(answer)
+
+
+def test_unreachable_fhir_server_is_412_naming_the_medications(service):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": f"http://127.0.0.1:{closed}/fhir",
+            "context": {"patientId": "p", "userId": "Practitioner/1"}}
+    answer = service.post("/cds-services/crs-icans-assessment", body)
+    assert answer.status_code == 412 and "medication" in outcome_of(answer)
+
+
+def test_operation_outcome_in_the_medication_key_is_412_without_a_server(service, now):
+    body = hook_request(by_name("crs2-hypotension-fluids"), now)
+    body["prefetch"]["medications"] = {"resourceType": "OperationOutcome",
+                                       "issue": [{"severity": "error", "code": "exception"}]}
+    assert service.post("/cds-services/crs-icans-assessment", body).status_code == 412
+
+
+def test_failed_observation_source_gives_an_at_least_grade_naming_it(service, now):
+    body = hook_request(by_name("crs2-hypotension-fluids"), now)
+    body["prefetch"]["assessments"] = {"resourceType": "OperationOutcome",
+                                       "issue": [{"severity": "error", "code": "exception"}]}
+    answer = service.post("/cds-services/crs-icans-assessment", body)
+    assert answer.status_code == 200
+    main = answer.json()["cards"][0]
+    assert main["summary"].startswith("CRS grade at least 2, ICANS grade at least 0")
+    assert "prefetch:assessments" in main["detail"]
+    assert not any(s["label"].startswith("Record") for s in main.get("suggestions", []))
+
+
+def test_oversized_body_is_413(service):
+    answer = service.post("/cds-services/crs-icans-assessment", b"{" + b" " * (6 * 1024 * 1024) + b"}")
+    assert answer.status_code == 413
+    assert answer.json()["resourceType"] == "OperationOutcome"
+
+
+# ---- Feedback and CORS -----------------------------------------------------------------------------
+
+def test_feedback_is_stored_and_duplicates_ignored(service, now):
+    cards = cards_for(service, "crs3-norepi-vaso", now)
+    feedback = {"feedback": [{"card": cards[0]["uuid"], "outcome": "overridden",
+                              "overrideReason": {"reason": {"code": "already-addressed",
+                                                            "system": "http://crs-cds.org/fhir/CodeSystem/override-reason"}},
+                              "outcomeTimestamp": "2026-11-21T12:00:00Z"}]}
+    first = service.post("/cds-services/crs-icans-assessment/feedback", feedback)
+    second = service.post("/cds-services/crs-icans-assessment/feedback", feedback)
+    assert first.status_code == second.status_code == 200
+    assert first.json() == {"stored": 1, "duplicates": 0} and second.json() == {"stored": 0, "duplicates": 1}
+    bad = service.post("/cds-services/crs-icans-assessment/feedback", {"feedback": [{"card": "x"}]})
+    assert bad.status_code == 400 and "outcome" in outcome_of(bad)
+
+
+def test_cors_preflight_needs_no_credentials(service):
+    answer = requests.options(service.base + "/cds-services/crs-icans-assessment", timeout=10, headers={
+        "Origin": "https://sandbox.cds-hooks.org", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert answer.status_code == 200
+    assert answer.headers["Access-Control-Allow-Origin"] in ("*", "https://sandbox.cds-hooks.org")
+    allowed = answer.headers["Access-Control-Allow-Headers"].lower()
+    assert "authorization" in allowed and "content-type" in allowed
