@@ -42,6 +42,8 @@ class Settings:
     def load(cls, path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
              **overrides: Any) -> "Settings":
         values: dict[str, Any] = {}
+        env = os.environ if env is None else env
+        path = path or env.get(ENV_PREFIX + "CONFIG")  # CRS_CDS_CONFIG names a settings file
         if path:
             try:
                 data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -50,7 +52,6 @@ class Settings:
             if not isinstance(data, dict):
                 raise SettingsError(f"settings file {path} must hold a JSON object")
             values.update(data)
-        env = os.environ if env is None else env
         known = {f.name: f for f in fields(cls)}
         for name in known:
             raw = env.get(ENV_PREFIX + name.upper())
