@@ -127,7 +127,7 @@ def cmd_scenarios_load(args: argparse.Namespace) -> int:
 
 def cmd_scenarios_requests(args: argparse.Namespace) -> int:
     """Write ready-made patient-view hook requests (with full prefetch) for the scenarios."""
-    from .examples import hook_request
+    from .examples import gm_csf_order_sign_request, hook_request
     from .scenarios import SCENARIOS, by_name
 
     folder = Path(args.dir)
@@ -140,7 +140,11 @@ def cmd_scenarios_requests(args: argparse.Namespace) -> int:
     for scenario in chosen:
         target = folder / f"{scenario.name}.json"
         target.write_text(json.dumps(hook_request(scenario, now), indent=2) + "\n", encoding="utf-8")
-        print(target)
+        print(f"{target}  (patient-view)")
+    target = folder / "order-sign-gm-csf.json"
+    target.write_text(json.dumps(gm_csf_order_sign_request(now, by_name("crs1-fever-day1")), indent=2) + "\n",
+                      encoding="utf-8")
+    print(f"{target}  (order-sign)")
     return 0
 
 

@@ -62,4 +62,16 @@ def hook_request(scenario: Scenario, now: datetime, service_id: str = PATIENT_VI
     }
 
 
-__all__ = ["hook_request", "prefetch_for"]
+def gm_csf_order_sign_request(now: datetime, scenario: Scenario) -> dict:
+    """order-sign for an in-scope patient with a GM-CSF draft order, shaped as the CDS Hooks
+    Sandbox sends it (no Bundle.type, no intent, category as a single object)."""
+    request = hook_request(scenario, now, "crs-order-safety-sign")
+    request["context"]["draftOrders"] = {"resourceType": "Bundle", "entry": [{"resource": {
+        "resourceType": "MedicationRequest", "id": "request-123", "status": "draft",
+        "subject": {"reference": f"Patient/{scenario.name}"}, "category": {"text": "inpatient"},
+        "medicationCodeableConcept": {"text": "Leukine (sargramostim) 250 mcg/m2 IV daily"},
+        "authoredOn": now.date().isoformat()}}]}
+    return request
+
+
+__all__ = ["hook_request", "prefetch_for", "gm_csf_order_sign_request"]
