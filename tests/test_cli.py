@@ -34,7 +34,7 @@ def test_grade_prints_grades_evidence_and_recommendations(scenario_dir):
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
     assert first.startswith("CRS grade 3, ICANS grade 1")
-    assert "norepinephrine running from" in result.stdout
+    assert "norepinephrine running since" in result.stdout
     assert "Recommendations:" in result.stdout and "tocilizumab" in result.stdout
 
 

@@ -117,7 +117,7 @@ def hypotension_tier(s: Situation) -> Tier:
     threshold, threshold_source, age_flags = sbp_threshold(s)
     flags += age_flags
     if count:
-        evidence = [d.evidence(f"{d.agent} running from {_hhmm(d.start)}") for d in agents]
+        evidence = [d.evidence(f"{d.agent} running", when="since") for d in agents]
         if count >= 2:
             return Tier(4, f"{count} vasopressors at once (vasopressin not counted)", evidence, flags)
         with_vasopressin = any("vasopressin" in d.categories for d in agents)

@@ -19,6 +19,11 @@ class Evidence:
     reference: str
     text: str
     time: datetime | None = None
+    when: str = "at"  # how the time reads: "temperature 39.4 °C at ...", "norepinephrine running since ..."
+
+    @property
+    def sentence(self) -> str:
+        return f"{self.text} {self.when} {self.time:%Y-%m-%d %H:%M} UTC" if self.time else self.text
 
     def to_json(self) -> dict:
         out = {"reference": self.reference, "text": self.text}
@@ -68,8 +73,8 @@ class DrugEvent:
     def running_at(self, moment: datetime) -> bool:
         return self.start <= moment <= self.end
 
-    def evidence(self, text: str | None = None) -> Evidence:
-        return Evidence(self.reference, text or self.label, self.start)
+    def evidence(self, text: str | None = None, when: str = "at") -> Evidence:
+        return Evidence(self.reference, text or self.label, self.start, when)
 
 
 @dataclass(frozen=True)

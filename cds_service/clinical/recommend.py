@@ -26,6 +26,10 @@ class Plan:
     tocilizumab_indicated: str | None  # why tocilizumab is indicated now, or None
 
 
+def _doses(count: int) -> str:
+    return f"{count} dose" if count == 1 else f"{count} doses"
+
+
 def _urgency(grade: int) -> str:
     return "critical" if grade >= 3 else "warning" if grade == 2 else "info"
 
@@ -121,7 +125,7 @@ def tocilizumab(s: Situation, plan: Plan) -> list[Recommendation]:
         return []
     rules = s.protocol["tocilizumab"]
     history = plan.history
-    given = (f"Tocilizumab given this episode: {len(history.episode_doses)} dose(s), "
+    given = (f"Tocilizumab given this episode: {_doses(len(history.episode_doses))}, "
              f"{len(history.doses_24h)} in the last 24 h.")
     if history.blocked:
         detail = [f"Dose limit reached: {history.blocked}.", given]
@@ -162,7 +166,7 @@ def corticosteroid(s: Situation, plan: Plan, crs: Grade) -> list[Recommendation]
             reasons.append((crs_entry["steroid"], f"CRS grade {plan.crs} [{crs_entry['source']}]"))
         elif crs.components.get("hypotension", 0) >= 2 and plan.history.episode_doses:
             reasons.append((crs_entry["steroid"], f"CRS grade {plan.crs}: hypotension persists after "
-                                                   f"{len(plan.history.episode_doses)} tocilizumab dose(s) "
+                                                   f"{_doses(len(plan.history.episode_doses))} of tocilizumab "
                                                    f"[{crs_entry['source']}]"))
     icans_entry = s.protocol["icans_management"].get(str(plan.icans)) if plan.icans else None
     if icans_entry and icans_entry.get("steroid"):
@@ -252,7 +256,10 @@ def tocilizumab_delay(s: Situation, plan: Plan) -> list[Recommendation]:
     since = s.window_start("tocilizumab_delay")
     if any(d.start >= since for d in plan.history.episode_doses):
         return []
-    return [Recommendation("tocilizumab-delay", "critical", f"CRS grade {plan.crs} without tocilizumab: do not delay",
+    last = plan.history.last
+    title = (f"CRS grade {plan.crs}, last tocilizumab {last.start:%Y-%m-%d %H:%M} UTC: repeat, do not delay" if last
+             else f"CRS grade {plan.crs} without tocilizumab: do not delay")
+    return [Recommendation("tocilizumab-delay", "critical", title,
                            [f"No tocilizumab in the {s.window_text('tocilizumab_delay')}; "
                             f"{s.protocol['tocilizumab_delay_risk_text']} [{s.protocol['tocilizumab_delay_source']}]."],
                            s.protocol["tocilizumab_delay_source"])]

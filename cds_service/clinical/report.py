@@ -40,8 +40,7 @@ def headline(assessment: Assessment) -> str:
 
 
 def _evidence_line(item: Evidence) -> str:
-    when = f" at {item.time:%Y-%m-%d %H:%M} UTC" if item.time else ""
-    return f"    - {item.text}{when} ({item.reference})"
+    return f"    - {item.sentence} ({item.reference})"
 
 
 def as_text(assessment: Assessment) -> str:

@@ -77,17 +77,12 @@ def _card(template: CardTemplate, summary: str, indicator: str, detail: str, sug
 
 # ---- Markdown ------------------------------------------------------------------------------------
 
-def _when(moment) -> str:
-    return f"{moment:%Y-%m-%d %H:%M} UTC" if moment else ""
-
-
 def _grade_markdown(grade: Grade) -> list[str]:
     head = f"**{grade.text}**: {grade.reason}"
     if grade.window:
         head += f" _(window: {grade.window})_"
     lines = [head]
-    lines += [f"- {e.text}, {_when(e.time)} ({e.reference})" if e.time else f"- {e.text} ({e.reference})"
-              for e in grade.evidence]
+    lines += [f"- {e.sentence} ({e.reference})" for e in grade.evidence]
     lines += [f"- ⚠ {flag.text}" for flag in grade.flags]
     if grade.at_least:
         lines.append("- ⚠ Some data could not be read, so the grade may be higher: " + "; ".join(grade.missing[:5]))
