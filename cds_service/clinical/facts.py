@@ -121,6 +121,21 @@ class FactExtractor:
                 self._patient(resource)
         return self.facts
 
+    def _readable_timing(self, resource: Mapping, ignored: set[str], allowed: set[str]):
+        """(start, end) of a relevant resource that counts; None when its status says to ignore it
+        or it cannot be read (then it is reported)."""
+        if resource.get("status") in ignored:
+            return None
+        problem = validation_error(resource) or _status_problem(resource, allowed)
+        if problem:
+            self._unreadable(resource, problem)
+            return None
+        try:
+            return effective_interval(resource)
+        except UnreadableValue as exc:
+            self._unreadable(resource, str(exc))
+            return None
+
     def _unreadable(self, resource: Mapping, reason: str) -> None:
         self.facts.unreadable.append(Unreadable(resource_key(resource), reason, resource.get("resourceType", "?")))
 
@@ -155,17 +170,10 @@ class FactExtractor:
         component_kinds = [(k, c) for k, c in component_kinds if k]
         if kind is None and not component_kinds:
             return
-        if obs.get("status") in IGNORED_OBSERVATION_STATUSES:
+        timing = self._readable_timing(obs, IGNORED_OBSERVATION_STATUSES, OBSERVATION_STATUSES)
+        if timing is None:
             return
-        problem = validation_error(obs) or _status_problem(obs, OBSERVATION_STATUSES)
-        if problem:
-            self._unreadable(obs, problem)
-            return
-        try:
-            start, end = effective_interval(obs)
-        except UnreadableValue as exc:
-            self._unreadable(obs, str(exc))
-            return
+        start, end = timing
         end = end or start
         if start > self.now:
             return  # documented in the future relative to the assessment: not yet a fact
@@ -262,17 +270,10 @@ class FactExtractor:
                 self._unreadable(admin, "medication could not be resolved")
             return
         status = admin.get("status")
-        if status in IGNORED_ADMINISTRATION_STATUSES:
+        timing = self._readable_timing(admin, IGNORED_ADMINISTRATION_STATUSES, ADMINISTRATION_STATUSES)
+        if timing is None:
             return
-        problem = validation_error(admin) or _status_problem(admin, ADMINISTRATION_STATUSES)
-        if problem:
-            self._unreadable(admin, problem)
-            return
-        try:
-            start, end = effective_interval(admin)
-        except UnreadableValue as exc:
-            self._unreadable(admin, str(exc))
-            return
+        start, end = timing
         if end is None:
             # An open period is running now only while in progress; otherwise it counts at its start.
             end = max(start, self.now) if status == "in-progress" else start
