@@ -497,3 +497,31 @@ def test_earlier_fever_and_antipyretic_in_a_bispecific_step_up_episode_keep_the_
     chart.iec(TECLISTAMAB, days_ago=2, route="SC", dose_mg=0.3)
     chart.o2_device(NON_REBREATHER, hours_ago=1)
     assert graded(chart).crs.value == 3
+
+
+# ---- What is read: only what some rule looks at ----------------------------------------------------------
+
+def test_observations_outside_every_rule_window_are_not_read():
+    chart = car_t_chart(days_since_infusion=5)
+    chart.bp(70, 40, hours_ago=20)               # older than the 12 h hypotension window
+    chart.resources[-1]["status"] = "bogus"      # so it would be reported if it were read
+    chart.temp(39.0, hours_ago=60)               # after the infusion: the fever waiver looks back this far
+    chart.give(ACETAMINOPHEN, hours_ago=59, dose_mg=650)
+    chart.o2_device(NON_REBREATHER, hours_ago=1)
+    assessment = graded(chart)
+    assert assessment.unreadable == [] and assessment.crs.value == 3
+
+
+def test_an_unreadable_temperature_since_the_infusion_is_still_reported():
+    chart = car_t_chart(days_since_infusion=5)
+    chart.temp(39.0, hours_ago=60)
+    chart.resources[-1]["status"] = "bogus"
+    assert [u.reference for u in graded(chart).unreadable] == ["Observation/edge-temp1"]
+
+
+def test_out_of_scope_patients_have_no_observation_read():
+    chart = Chart("edge", NOW, "Test", "Pat", "female", 50)
+    chart.temp(39.0, hours_ago=1)
+    chart.resources[-1]["status"] = "bogus"
+    assessment = graded(chart)
+    assert not assessment.in_scope and assessment.unreadable == []

@@ -11,7 +11,7 @@ from .icans import grade_icans
 from .model import Assessment, Grade, Unreadable
 from .protocol import Protocol, default_protocol
 from .recommend import recommend
-from .scope import Situation, age_on, find_episode
+from .scope import Situation, age_on, find_episode, observation_horizon
 
 
 def _not_graded(syndrome: str, reason: str) -> Grade:
@@ -29,7 +29,11 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
         raise ValueError("now must be timezone-aware")
     protocol = protocol or default_protocol()
     terminology = terminology or load_terminology()
-    facts = extract_facts(resources, now, terminology, protocol)
+    def horizon_for(facts):
+        episode = find_episode(facts, now, protocol)
+        return observation_horizon(protocol, episode, now) if episode else None
+
+    facts = extract_facts(resources, now, terminology, protocol, horizon_for)
     facts.unreadable.extend(unread_sources)
     episode = find_episode(facts, now, protocol)
     if episode is None:

@@ -6,8 +6,13 @@ resource that cannot be read becomes an ``Unreadable`` entry, never a silent gap
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
+from collections import OrderedDict
 from datetime import datetime
-from typing import Iterable, Mapping
+from functools import lru_cache
+from typing import Callable, Iterable, Mapping, Protocol as Interface
 
 from pydantic import ValidationError
 
@@ -23,7 +28,7 @@ from .fhir_read import (
 from .model import DrugEvent, Facts, Reading, Unreadable
 from .protocol import Protocol
 
-# Observation kinds recognised by ValueSet, in the order names are tried (most specific first).
+# Observation kinds recognised by ValueSet, in the order they are tried (most specific first).
 OBSERVATION_VALUESETS = [
     ("sbp", "systolic-blood-pressure"),
     ("temperature", "body-temperature"),
@@ -46,6 +51,8 @@ ICANS_CODES = {
 # Coded ICANS answers are recognised by these ValueSets; the protocol maps each answer to a grade.
 ICANS_ANSWER_VALUESETS = {"consciousness": "icans-consciousness-levels", "seizure": "icans-seizure-findings",
                           "cerebral_edema": "icans-cerebral-edema-findings"}
+KIND_PRIORITY = {kind: rank for rank, kind in enumerate([k for k, _ in OBSERVATION_VALUESETS] + list(ICANS_CODES.values()))}
+COMPONENT_KINDS = {"sbp", "o2_flow"}  # read from Observation.component (BP panel, pulse oximetry)
 QUANTITY_UNITS = {"temperature": "Cel", "sbp": "mmHg", "o2_flow": "L/min", "weight": "kg",
                   "ferritin": "ng/mL", "crp": "mg/L"}
 LABEL_UNITS = {"temperature": "°C", "sbp": "mmHg", "o2_flow": "L/min", "weight": "kg",
@@ -83,8 +90,41 @@ def _fhir_models():
             "Patient": Patient}
 
 
-def validation_error(resource: Mapping) -> str | None:
-    """None if the resource is valid FHIR (R4B model), else a one-line reason."""
+class Horizon(Interface):
+    def admits(self, kind: str, start: datetime, end: datetime) -> bool: ...
+
+
+class _ValidationMemo:
+    """Validation results by resource content. Validating costs ~0.5 ms a resource and the same
+    chart comes back on every chart open; hashing its JSON costs ~20 us. A pure function's memo:
+    the same content always gets the same answer. Bounded, least recently used out first."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.results: OrderedDict[bytes, str | None] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def __call__(self, resource: Mapping, validate) -> str | None:
+        try:
+            key = hashlib.blake2b(json.dumps(resource, separators=(",", ":")).encode(), digest_size=16).digest()
+        except (TypeError, ValueError):
+            return validate(resource)
+        with self.lock:
+            if key in self.results:
+                self.results.move_to_end(key)
+                return self.results[key]
+        result = validate(resource)
+        with self.lock:
+            self.results[key] = result
+            if len(self.results) > self.size:
+                self.results.popitem(last=False)
+        return result
+
+
+_memo = _ValidationMemo(size=50_000)
+
+
+def _validate(resource: Mapping) -> str | None:
     model = _fhir_models().get(resource.get("resourceType"))
     if model is None:
         return None
@@ -99,6 +139,21 @@ def validation_error(resource: Mapping) -> str | None:
     return None
 
 
+def validation_error(resource: Mapping) -> str | None:
+    """None if the resource is valid FHIR (R4B model), else a one-line reason."""
+    return _memo(resource, _validate)
+
+
+@lru_cache(maxsize=8)
+def observation_code_index(terminology: Terminology) -> dict[tuple[str, str], str]:
+    """(system, code) -> observation kind, built once per terminology (first ValueSet wins)."""
+    index: dict[tuple[str, str], str] = {}
+    for kind, valueset in reversed(OBSERVATION_VALUESETS):
+        index.update(dict.fromkeys(terminology[valueset].codes, kind))
+    index.update({(IEC_TOXICITY, code): kind for code, kind in ICANS_CODES.items()})
+    return index
+
+
 class FactExtractor:
     def __init__(self, terminology: Terminology, protocol: Protocol, now: datetime):
         self.terms = terminology
@@ -106,20 +161,39 @@ class FactExtractor:
         self.now = now
         self.facts = Facts()
         self.medications: dict[str, Mapping] = {}
+        self.code_index = observation_code_index(terminology)
+        self.horizon: Horizon | None = None
 
     # ---- entry point -------------------------------------------------------------------------
-    def extract(self, resources: Iterable[Mapping]) -> Facts:
-        resources = [r for r in resources if isinstance(r, Mapping)]
+    def extract(self, resources: Iterable[Mapping], horizon_for: Callable[[Facts], Horizon | None] | None = None) -> Facts:
+        """Patient and MedicationAdministrations first; then, when ``horizon_for`` is given, the
+        Observations it admits (none when it returns None: the patient is out of scope), so a long
+        chart costs only what the rules will look at."""
+        resources = [r for r in resources if isinstance(r, dict)]
         self.medications = {resource_key(r): r for r in resources if r.get("resourceType") == "Medication"}
         for resource in resources:
             kind = resource.get("resourceType")
-            if kind == "Observation":
-                self._observation(resource)
-            elif kind == "MedicationAdministration":
+            if kind == "MedicationAdministration":
                 self._administration(resource)
             elif kind == "Patient" and self.facts.patient_id is None:
                 self._patient(resource)
+        self.horizon = horizon_for(self.facts) if horizon_for else None
+        if horizon_for is not None and self.horizon is None:
+            return self.facts
+        for resource in resources:
+            if resource.get("resourceType") == "Observation":
+                self._observation(resource)
         return self.facts
+
+    def _worth_reading(self, obs: Mapping, kinds: list[str]) -> bool:
+        """Inside the horizon of at least one of its kinds (an unparseable time is read, to be reported)."""
+        if self.horizon is None:
+            return True
+        try:
+            start, end = effective_interval(obs)
+        except UnreadableValue:
+            return True
+        return any(self.horizon.admits(kind, start, end or start) for kind in kinds)
 
     def _readable_timing(self, resource: Mapping, ignored: set[str], allowed: set[str]):
         """(start, end) of a relevant resource that counts; None when its status says to ignore it
@@ -150,13 +224,11 @@ class FactExtractor:
 
     # ---- Observations ------------------------------------------------------------------------
     def _observation_kind(self, code: Mapping | None) -> str | None:
-        for system, value in codeable_codes(code):
-            if system == IEC_TOXICITY and value in ICANS_CODES:
-                return ICANS_CODES[value]
-        for kind, valueset in OBSERVATION_VALUESETS:
-            if self.terms.has_code(valueset, code):
-                return kind
-        if any(system in STANDARD_SYSTEMS for system, _ in codeable_codes(code)):
+        codes = codeable_codes(code)
+        kinds = [self.code_index[c] for c in codes if c in self.code_index]
+        if kinds:
+            return min(kinds, key=KIND_PRIORITY.__getitem__)
+        if any(system in STANDARD_SYSTEMS for system, _ in codes):
             return None  # a standard code that is not one of ours: another concept, not a name match
         for kind, valueset in OBSERVATION_VALUESETS:
             if self.terms[valueset].agent_for_text(codeable_texts(code)):
@@ -165,10 +237,13 @@ class FactExtractor:
 
     def _observation(self, obs: Mapping) -> None:
         kind = self._observation_kind(obs.get("code"))
-        components = [c for c in obs.get("component") or [] if isinstance(c, Mapping)]
+        components = [c for c in obs.get("component") or [] if isinstance(c, dict)]
         component_kinds = [(self._component_kind(c.get("code")), c) for c in components]
         component_kinds = [(k, c) for k, c in component_kinds if k]
         if kind is None and not component_kinds:
+            return
+        kinds = ([kind] if kind and kind != "bp_panel" else []) + [k for k, _ in component_kinds]
+        if not self._worth_reading(obs, kinds or [kind]):
             return
         timing = self._readable_timing(obs, IGNORED_OBSERVATION_STATUSES, OBSERVATION_STATUSES)
         if timing is None:
@@ -185,11 +260,8 @@ class FactExtractor:
             self._reading(obs, component_kind, component, start, end)
 
     def _component_kind(self, code: Mapping | None) -> str | None:
-        if self.terms.has_code("systolic-blood-pressure", code):
-            return "sbp"
-        if self.terms.has_code("oxygen-flow-rate", code):
-            return "o2_flow"
-        return None
+        kinds = {self.code_index.get(c) for c in codeable_codes(code)} & COMPONENT_KINDS
+        return min(kinds, key=KIND_PRIORITY.__getitem__) if kinds else None
 
     def _reading(self, obs: Mapping, kind: str, holder: Mapping, start: datetime, end: datetime) -> None:
         if holder.get("dataAbsentReason") is not None:
@@ -210,7 +282,7 @@ class FactExtractor:
             return self._device(holder)
         if kind in ("ice", "capd"):
             score = holder.get("valueInteger")
-            if score is None and isinstance(holder.get("valueQuantity"), Mapping):
+            if score is None and isinstance(holder.get("valueQuantity"), dict):
                 score = holder["valueQuantity"].get("value")
             if isinstance(score, bool) or not isinstance(score, (int, float)) or score != int(score) or score < 0:
                 raise UnreadableValue(f"score must be a whole number, got {score!r}")
@@ -247,16 +319,16 @@ class FactExtractor:
 
     # ---- MedicationAdministrations -----------------------------------------------------------
     def _medication_concept(self, admin: Mapping) -> tuple[Mapping | None, list[str]]:
-        if isinstance(admin.get("medicationCodeableConcept"), Mapping):
+        if isinstance(admin.get("medicationCodeableConcept"), dict):
             return admin["medicationCodeableConcept"], []
         ref = admin.get("medicationReference")
-        if not isinstance(ref, Mapping):
+        if not isinstance(ref, dict):
             return None, []
         texts = [ref["display"]] if isinstance(ref.get("display"), str) else []
         target = ref.get("reference") or ""
         if target.startswith("#"):
             medication = next((c for c in admin.get("contained") or []
-                               if isinstance(c, Mapping) and c.get("id") == target[1:]), None)
+                               if isinstance(c, dict) and c.get("id") == target[1:]), None)
         else:
             medication = self.medications.get(reference_key(target)) if target else None
         return (medication.get("code") if medication else None), texts
@@ -303,5 +375,5 @@ def _human(kind: str) -> str:
 
 
 def extract_facts(resources: Iterable[Mapping], now: datetime, terminology: Terminology,
-                  protocol: Protocol) -> Facts:
-    return FactExtractor(terminology, protocol, now).extract(resources)
+                  protocol: Protocol, horizon_for: Callable[[Facts], Horizon | None] | None = None) -> Facts:
+    return FactExtractor(terminology, protocol, now).extract(resources, horizon_for)

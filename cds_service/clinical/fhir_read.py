@@ -43,7 +43,7 @@ def effective_interval(resource: Mapping) -> tuple[datetime, datetime | None]:
             moment = parse_datetime(resource[key])
             return moment, moment
     period = resource.get("effectivePeriod")
-    if isinstance(period, Mapping) and (period.get("start") or period.get("end")):
+    if isinstance(period, dict) and (period.get("start") or period.get("end")):
         start = parse_datetime(period["start"]) if period.get("start") else None
         end = parse_datetime(period["end"]) if period.get("end") else None
         return (start or end), end  # type: ignore[return-value]
@@ -64,7 +64,7 @@ _FAHRENHEIT = {"[degf]", "°f", "f", "degf", "fahrenheit"}
 
 
 def _quantity_parts(quantity: object) -> tuple[float, list[str]]:
-    if not isinstance(quantity, Mapping):
+    if not isinstance(quantity, dict):
         raise UnreadableValue("no valueQuantity")
     value = quantity.get("value")
     if isinstance(value, bool) or not isinstance(value, (int, float)):

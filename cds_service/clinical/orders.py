@@ -38,10 +38,10 @@ def _as_list(value) -> list:
 
 def _dose_mg(order: Mapping) -> float | None:
     for instruction in _as_list(order.get("dosageInstruction")):
-        if not isinstance(instruction, Mapping):
+        if not isinstance(instruction, dict):
             continue
         for dose_and_rate in _as_list(instruction.get("doseAndRate")):
-            if isinstance(dose_and_rate, Mapping) and dose_and_rate.get("doseQuantity"):
+            if isinstance(dose_and_rate, dict) and dose_and_rate.get("doseQuantity"):
                 try:
                     return quantity_in(dose_and_rate["doseQuantity"], "mg")
                 except UnreadableValue:
@@ -51,7 +51,7 @@ def _dose_mg(order: Mapping) -> float | None:
 
 def read_draft_orders(resources: Iterable[Mapping], terminology: Terminology) -> list[DraftOrder]:
     """Every medication order in the draft Bundle, with the value-set categories its drug falls in."""
-    resources = [r for r in resources if isinstance(r, Mapping)]
+    resources = [r for r in resources if isinstance(r, dict)]
     medications = {resource_key(r): r for r in resources if r.get("resourceType") == "Medication"}
     orders = []
     for order in resources:
@@ -60,12 +60,12 @@ def read_draft_orders(resources: Iterable[Mapping], terminology: Terminology) ->
         codeable = order.get("medicationCodeableConcept")
         texts: list[str] = []
         ref = order.get("medicationReference")
-        if codeable is None and isinstance(ref, Mapping):
+        if codeable is None and isinstance(ref, dict):
             texts = [ref["display"]] if isinstance(ref.get("display"), str) else []
             target = ref.get("reference") or ""
             if target.startswith("#"):
                 medication = next((c for c in _as_list(order.get("contained"))
-                                   if isinstance(c, Mapping) and c.get("id") == target[1:]), None)
+                                   if isinstance(c, dict) and c.get("id") == target[1:]), None)
             else:
                 medication = medications.get(reference_key(target))
             codeable = medication.get("code") if medication else None

@@ -95,3 +95,43 @@ class Situation:
 
     def window_text(self, name: str) -> str:
         return f"last {self.protocol['windows_hours'][name]} h"
+
+
+@dataclass(frozen=True)
+class ObservationHorizon:
+    """How far back each kind of Observation matters to some rule; older ones are not read.
+
+    Temperatures, ferritin and CRP look back to the start of the episode (fever waiver, grade 1
+    tocilizumab triggers, HLH); weight 30 days; the rest their assessment window (oxygen plus the
+    device/flow pairing slack). Positive-pressure devices from before the therapy are read too,
+    for the home-CPAP flag."""
+
+    since: dict
+    also_before: dict
+
+    def admits(self, kind: str, start: datetime, end: datetime) -> bool:
+        if kind in self.also_before and end < self.also_before[kind]:
+            return True
+        since = self.since.get(kind)
+        return since is None or end >= since
+
+
+def observation_horizon(protocol: Protocol, episode: Episode, now: datetime) -> ObservationHorizon:
+    def window(name: str) -> datetime:
+        return now - protocol.window(name)
+
+    pairing = timedelta(minutes=protocol["oxygen"]["device_flow_pairing_minutes"])
+    icans = window("icans")
+    return ObservationHorizon(
+        since={
+            "temperature": min(episode.start, window("fever")),
+            "sbp": window("hypotension"),
+            "o2_flow": window("oxygen") - pairing,
+            "o2_device": window("oxygen") - pairing,
+            "weight": now - timedelta(days=protocol["weight_window_days"]),
+            "ferritin": episode.start,
+            "crp": episode.start,
+            **dict.fromkeys(("ice", "capd", "consciousness", "seizure", "motor_weakness", "cerebral_edema"), icans),
+        },
+        also_before={"o2_device": episode.start},
+    )
