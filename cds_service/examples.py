@@ -33,17 +33,24 @@ def _newest_first(resource: dict) -> str:
     return resource.get("effectiveDateTime") or (resource.get("effectivePeriod") or {}).get("start") or ""
 
 
+def _as_stored(resource: dict) -> dict:
+    """A resource as a FHIR server returns it: with its version and last update in meta."""
+    stored = dict(resource)
+    stored.setdefault("meta", {"versionId": "1", "lastUpdated": _newest_first(resource) or "2026-01-01T00:00:00Z"})
+    return stored
+
+
 def prefetch_for(resources: list[dict], patient_id: str, templates: dict[str, str]) -> dict:
     prefetch = {}
     for key, template in templates.items():
         query = template.replace("{{context.patientId}}", patient_id)
         if "?" not in query:
             found = next((r for r in resources if f"{r['resourceType']}/{r['id']}" == query), None)
-            prefetch[key] = found
+            prefetch[key] = _as_stored(found) if found else None
             continue
         count = int(re.search(r"_count=(\d+)", query).group(1)) if "_count=" in query else None
         hits = sorted((r for r in resources if _matches(r, query, patient_id)), key=_newest_first, reverse=True)
-        hits = hits[:count] if count else hits
+        hits = [_as_stored(r) for r in (hits[:count] if count else hits)]
         prefetch[key] = {"resourceType": "Bundle", "type": "searchset", "total": len(hits),
                          "entry": [{"fullUrl": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, r['id'])}",
                                     "resource": r, "search": {"mode": "match"}} for r in hits]}

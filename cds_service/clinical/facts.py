@@ -101,12 +101,21 @@ class _ValidationMemo:
 
     def __init__(self, size: int):
         self.size = size
-        self.results: OrderedDict[bytes, str | None] = OrderedDict()
+        self.results: OrderedDict[object, str | None] = OrderedDict()
         self.lock = threading.Lock()
+
+    @staticmethod
+    def key(resource: Mapping):
+        """A FHIR version is immutable: type, id, versionId and lastUpdated name its content.
+        Without them, a hash of the content."""
+        meta = resource.get("meta")
+        if isinstance(meta, dict) and meta.get("versionId") and meta.get("lastUpdated") and resource.get("id"):
+            return (resource.get("resourceType"), resource["id"], meta["versionId"], meta["lastUpdated"])
+        return hashlib.blake2b(json.dumps(resource, separators=(",", ":")).encode(), digest_size=16).digest()
 
     def __call__(self, resource: Mapping, validate) -> str | None:
         try:
-            key = hashlib.blake2b(json.dumps(resource, separators=(",", ":")).encode(), digest_size=16).digest()
+            key = self.key(resource)
         except (TypeError, ValueError):
             return validate(resource)
         with self.lock:
