@@ -50,20 +50,20 @@ def canonical_system(system: str | None) -> str:
 
 def codeable_texts(codeable: Mapping | None) -> list[str]:
     """Every human-readable string in a CodeableConcept: text and each coding display."""
-    if not isinstance(codeable, Mapping):
+    if not isinstance(codeable, dict):
         return []
     texts = [codeable.get("text")]
-    texts += [c.get("display") for c in codeable.get("coding") or [] if isinstance(c, Mapping)]
+    texts += [c.get("display") for c in codeable.get("coding") or [] if isinstance(c, dict)]
     return [t for t in texts if isinstance(t, str) and t.strip()]
 
 
 def codeable_codes(codeable: Mapping | None) -> list[tuple[str, str]]:
-    if not isinstance(codeable, Mapping):
+    if not isinstance(codeable, dict):
         return []
     return [
         (canonical_system(c.get("system")), str(c.get("code")).strip())
         for c in codeable.get("coding") or []
-        if isinstance(c, Mapping) and c.get("code") is not None
+        if isinstance(c, dict) and c.get("code") is not None
     ]
 
 
