@@ -108,3 +108,36 @@ def test_installed_wheel_carries_its_data_and_works_from_another_directory(tmp_p
     located = subprocess.run([sys.executable, "-c", "import cds_service; print(cds_service.__file__)"],
                              capture_output=True, text=True, cwd=elsewhere, env=env)
     assert located.stdout.startswith(str(target))
+
+
+def test_scenarios_load_into_a_real_fhir_server(fhir_server):
+    result = run("scenarios", "load", "--fhir-server", fhir_server.base_url, "--now", NOW)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("loaded ") == len(__import__("cds_service.scenarios").scenarios.SCENARIOS)
+    import requests
+
+    patient = requests.get(f"{fhir_server.base_url}/Patient/crs3-norepi-vaso", timeout=10)
+    assert patient.status_code == 200 and patient.json()["id"] == "crs3-norepi-vaso"
+
+
+def test_scenarios_load_reports_an_unreachable_server():
+    result = run("scenarios", "load", "--fhir-server", "http://127.0.0.1:9/fhir", "--timeout", "2")
+    assert result.returncode == 2 and "could not be loaded" in result.stderr
+
+
+def test_feedback_report_command(tmp_path):
+    from cds_service.feedback import FeedbackStore
+
+    db = tmp_path / "feedback.sqlite3"
+    store = FeedbackStore(str(db))
+    store.remember_cards("crs-icans-assessment", "h1", [("card-1", "crsIcansAssessment")])
+    store.flush()
+    store.record_feedback("crs-icans-assessment", [{"card": "card-1", "outcome": "overridden",
+                                                   "overrideReason": {"reason": {"code": "already-addressed",
+                                                                                 "system": "x"}},
+                                                   "outcomeTimestamp": "2026-11-21T12:00:00Z"}])
+    store.close()
+    result = run("feedback-report", "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    assert "crsIcansAssessment" in result.stdout and "already-addressed" in result.stdout
+    assert run("feedback-report", "--db", str(tmp_path / "missing.sqlite3")).returncode == 2

@@ -525,3 +525,26 @@ def test_out_of_scope_patients_have_no_observation_read():
     chart.resources[-1]["status"] = "bogus"
     assessment = graded(chart)
     assert not assessment.in_scope and assessment.unreadable == []
+
+
+def test_15_hypotension_or_hypoxia_carries_an_attribution_flag():
+    chart = car_t_chart()
+    chart.temp(38.9, hours_ago=1)
+    chart.o2_device(NON_REBREATHER, hours_ago=1)
+    crs = graded(chart).crs
+    assert crs.value == 3 and "attribution" in flag_codes(crs)
+    fever_only = car_t_chart()
+    fever_only.temp(38.9, hours_ago=1)
+    assert "attribution" not in flag_codes(graded(fever_only).crs)
+
+
+def test_21_no_grade_5_from_a_live_service():
+    chart = car_t_chart()
+    chart.resources[0]["deceasedDateTime"] = "2026-11-21T11:00:00Z"
+    chart.temp(39.5, hours_ago=2)
+    chart.infusion(NOREPINEPHRINE, started_hours_ago=3, rate=(0.5, "ug/kg/min"))
+    chart.infusion(PHENYLEPHRINE, started_hours_ago=3, rate=(2, "ug/kg/min"))
+    chart.o2_device(VENTILATOR, hours_ago=2)
+    chart.consciousness("unarousable", hours_ago=2)
+    assessment = graded(chart)
+    assert (assessment.crs.value, assessment.icans.value) == (4, 4)

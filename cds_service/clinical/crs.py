@@ -207,6 +207,16 @@ def positive_pressure_flags(s: Situation, icans_grade: int | None) -> list[Flag]
     return flags
 
 
+def attribution_flags(drivers: list[Tier]) -> list[Flag]:
+    """When hypotension or hypoxia drives the grade, then remind that ASTCT counts them only when
+    no other cause explains them (sepsis, pneumonia, fluid overload): the engine cannot tell, the
+    clinician can.  Source: ASTCT ("not attributable to any other cause"); reference.md edge case 15."""
+    if not drivers:
+        return []
+    return [Flag("attribution", "Counted as CRS: confirm the " + " and ".join(t.text for t in drivers)
+                 + " is not explained by another cause (sepsis, pneumonia, fluid overload).")]
+
+
 # ---- The grade -------------------------------------------------------------------------------------
 
 def grade_crs(s: Situation, icans_grade: int | None) -> Grade:
@@ -222,7 +232,7 @@ def grade_crs(s: Situation, icans_grade: int | None) -> Grade:
     severity = max(hypotension.grade, hypoxia.grade)
     drivers = [t for t in (hypotension, hypoxia) if t.grade == severity and severity > 0]
     evidence = [e for t in drivers for e in t.evidence]
-    flags = hypotension.flags + hypoxia.flags
+    flags = hypotension.flags + hypoxia.flags + attribution_flags(drivers)
     components = {"hypotension": hypotension.grade, "hypoxia": hypoxia.grade}
     grade = _grade_from_fever(s, severity, drivers, evidence, flags, window)
     grade.components = components
