@@ -12,6 +12,7 @@ from .clinical.protocol import Protocol
 from .feedback import FeedbackStore
 from .fhir.client import FhirClient
 from .hooks.api import blueprint, discovery_document, prefetch_templates
+from .hooks.auth import Authenticator
 from .settings import Settings
 from .terminology import load_terminology
 
@@ -29,14 +30,17 @@ class ServiceState:
     discovery: list[dict]
     fhir_client: FhirClient
     feedback: FeedbackStore
+    auth: Authenticator
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     settings = config if isinstance(config, Settings) else Settings.load(**dict(config or {}))
+    auth = Authenticator.from_settings(settings)  # first: a bad trust configuration stops start-up
     terminology = load_terminology(tuple(settings.terminology_dirs))
     templates = prefetch_templates(terminology)
     state = ServiceState(settings, Protocol.load(settings.protocol_file), terminology, templates,
-                         discovery_document(templates), FhirClient(settings), FeedbackStore(settings.feedback_db))
+                         discovery_document(templates), FhirClient(settings), FeedbackStore(settings.feedback_db),
+                         auth)
     # Import fhir.resources now, not on the first chart open.
     from .clinical.facts import validation_error
 

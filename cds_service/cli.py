@@ -91,9 +91,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from .app import create_app
+    from .settings import SettingsError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_app(_settings(args.config))
+    try:
+        app = create_app(_settings(args.config))
+    except SettingsError as exc:  # e.g. auth on and no trusted issuers
+        raise CliError(str(exc)) from None
     app.run(host=args.host, port=args.port, threaded=True)
     return 0
 

@@ -21,6 +21,20 @@ class BadRequest(ServiceError):
     code = "invalid"
 
 
+class Unauthorized(ServiceError):
+    """The caller did not authenticate (no, bad or untrusted JWT).
+
+    The edge answers 401 with an empty body and a bare ``WWW-Authenticate: Bearer``: the reason
+    is logged, never sent (CDS Hooks best practices: "401 without details").
+    """
+
+    status = 401
+    code = "login"
+
+    def __init__(self, message: str = "authentication required"):
+        super().__init__(message)
+
+
 class NotFound(ServiceError):
     status = 404
     code = "not-found"

@@ -1,7 +1,8 @@
 """One settings object for the service: defaults, then a JSON settings file, then CRS_CDS_* variables.
 
 Every setting is documented in README.md ("Configuration"). Environment variables use the field
-name in upper case (``CRS_CDS_FHIR_BUDGET_SECONDS=1.5``); lists are comma-separated.
+name in upper case (``CRS_CDS_FHIR_BUDGET_SECONDS=1.5``); lists are comma-separated, objects are JSON.
+Keys of the settings file that begin with ``_`` (e.g. ``"_comment"``) are ignored.
 """
 from __future__ import annotations
 
@@ -20,6 +21,26 @@ class SettingsError(ValueError):
 
 @dataclass
 class Settings:
+    """The service's settings (README, "Configuration").
+
+    Client authentication (``cds_service.hooks.auth``):
+
+    - ``auth_enabled``: require a CDS Hooks client JWT (``Authorization: Bearer``) on discovery,
+      service calls and feedback. Default True. False is for local development only and is logged
+      as a WARNING at start-up.
+    - ``trusted_issuers_file``: a JSON file of trusted CDS clients, keyed by ``iss`` (format in
+      ``cds_service.hooks.auth``); ``trusted_issuers`` holds the same structure inline. Both may be
+      used (an ``iss`` may not appear in both). With auth enabled and no issuer, start-up fails.
+    - ``jwt_leeway_seconds``: clock skew allowed on ``exp``, ``iat`` and ``nbf``.
+    - ``jti_db``: a SQLite file for seen ``jti`` values, shared by every worker process; when unset
+      each process keeps its own in-memory replay cache.
+    - ``external_base_url``: the service's base URL as clients call it (scheme, host and any path
+      prefix in front of ``/cds-services``). The expected JWT ``aud`` is this plus the request path;
+      when unset it is the URL the request arrived on (from its Host header). Set it in production.
+    - ``allowed_fhir_servers``: the FHIR base URLs the service may call when auth is off (with auth
+      on, each trusted issuer lists its own ``fhir_servers``). Empty with auth off: loopback only.
+    """
+
     # Clinical content
     protocol_file: str | None = None          # site protocol overriding the default protocol
     terminology_dirs: list[str] = field(default_factory=list)  # extra ValueSet folders (local codes)
@@ -29,6 +50,12 @@ class Settings:
     fhir_max_pages: int = 10                   # pages followed per prefetch key
     fhir_max_resources_per_key: int = 5000     # resources kept per prefetch key
     allowed_fhir_servers: list[str] = field(default_factory=list)  # base URLs (used when auth is off)
+    # Client authentication (JWT, CDS Hooks 2.0 "Trusting CDS Clients")
+    auth_enabled: bool = True
+    trusted_issuers_file: str | None = None   # JSON: {"<iss>": {...}} (see cds_service.hooks.auth)
+    trusted_issuers: dict[str, Any] = field(default_factory=dict)  # the same structure, inline
+    jwt_leeway_seconds: int = 60               # clock skew allowed on exp/iat/nbf
+    jti_db: str | None = None                  # SQLite replay cache shared by workers (else in memory)
     # HTTP edge
     max_body_bytes: int = 5 * 1024 * 1024
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
@@ -51,7 +78,7 @@ class Settings:
                 raise SettingsError(f"cannot read settings file {path}: {exc}") from exc
             if not isinstance(data, dict):
                 raise SettingsError(f"settings file {path} must hold a JSON object")
-            values.update(data)
+            values.update({key: value for key, value in data.items() if not key.startswith("_")})
         known = {f.name: f for f in fields(cls)}
         for name in known:
             raw = env.get(ENV_PREFIX + name.upper())
@@ -70,6 +97,12 @@ class Settings:
 def _coerce(name: str, value: Any, default: Any, declared: Any) -> Any:
     declared = str(declared)
     try:
+        if declared.startswith("dict"):
+            if isinstance(value, str):  # an environment variable: JSON
+                value = json.loads(value)
+            if isinstance(value, dict):
+                return value
+            raise ValueError("expected a JSON object")
         if declared.startswith("list"):
             if isinstance(value, str):
                 return [item.strip() for item in value.split(",") if item.strip()]

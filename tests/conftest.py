@@ -205,3 +205,68 @@ def local_http():
     yield start
     for server in servers:
         server.close()
+
+
+# -- the CDS service itself on a loopback port ---------------------------------------------------
+
+class RunningService:
+    """A Flask app served by a real HTTP server (werkzeug) on 127.0.0.1, in a thread."""
+
+    def __init__(self, app):
+        import threading
+
+        from werkzeug.serving import make_server
+
+        self.app = app
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.base = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def state(self):
+        return self.app.config["CRS_CDS"]
+
+    def post(self, path: str, body, headers: dict[str, str] | None = None, **kwargs) -> requests.Response:
+        import json as _json
+
+        data = body if isinstance(body, (str, bytes)) else _json.dumps(body)
+        return requests.post(self.base + path, data=data, timeout=30,
+                             headers={"Content-Type": "application/json", **(headers or {})}, **kwargs)
+
+    def get(self, path: str, headers: dict[str, str] | None = None, **kwargs) -> requests.Response:
+        return requests.get(self.base + path, headers=headers or {}, timeout=30, **kwargs)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _serving():
+    running: list[RunningService] = []
+
+    def serve(app) -> RunningService:
+        service = RunningService(app)
+        running.append(service)
+        return service
+
+    return serve, running
+
+
+@pytest.fixture
+def serve_app():
+    """Factory: ``serve_app(app)`` serves a Flask app on a loopback port until the test ends."""
+    serve, running = _serving()
+    yield serve
+    for service in running:
+        service.close()
+
+
+@pytest.fixture(scope="module")
+def serve_app_module():
+    """``serve_app`` for module-scoped fixtures: the server lives until the module ends."""
+    serve, running = _serving()
+    yield serve
+    for service in running:
+        service.close()

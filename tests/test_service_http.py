@@ -6,14 +6,12 @@ import copy
 import difflib
 import json
 import re
-import threading
 import uuid
 from datetime import datetime, timezone
 from urllib.parse import quote
 
 import pytest
 import requests
-from werkzeug.serving import make_server
 
 from cds_service.app import create_app
 from cds_service.examples import hook_request
@@ -25,22 +23,6 @@ SARGRAMOSTIM_DRUG = "Leukine (sargramostim) 250 mcg/m2 IV"
 from cds_service.settings import Settings
 
 SUMMARY = re.compile(r"^CRS grade (at least )?(\d)|ICANS grade (at least )?(\d)")
-
-
-class Service:
-    def __init__(self, app):
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.base = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def post(self, path: str, body, **kwargs) -> requests.Response:
-        data = body if isinstance(body, (str, bytes)) else json.dumps(body)
-        return requests.post(self.base + path, data=data, headers={"Content-Type": "application/json"},
-                             timeout=30, **kwargs)
-
-    def close(self):
-        self.server.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +38,12 @@ def loaded_fhir(fhir_server, now):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, serve_app_module):
+    """Authentication off (tests/test_auth.py covers it); FHIR servers here are on loopback."""
     folder = tmp_path_factory.mktemp("svc")
-    app = create_app(Settings(feedback_db=str(folder / "feedback.sqlite3"), fhir_budget_seconds=10,
-                              fhir_timeout_seconds=8))
-    running = Service(app)
-    yield running
-    running.close()
+    return serve_app_module(create_app(Settings(feedback_db=str(folder / "feedback.sqlite3"),
+                                                fhir_budget_seconds=10, fhir_timeout_seconds=8,
+                                                auth_enabled=False)))
 
 
 def walk(value, path="$"):

@@ -115,12 +115,15 @@ class _Key:
 
 
 def resolve_prefetch(templates: dict[str, str], request: dict, client: FhirClient, settings: Any,
-                     required: Iterable[str] = frozenset()) -> PrefetchResult:
+                     required: Iterable[str] = frozenset(), server_allowed: bool = True) -> PrefetchResult:
     """The resources for a service's prefetch templates, from the request and from fhirServer.
 
     Raises ``PreconditionFailed`` naming the keys when a key in ``required`` was not prefetched
     and there is no FHIR server to fetch it from. A key that was tried and failed (an
     OperationOutcome, a failed fetch) is returned in ``failures`` for the caller to judge.
+
+    ``server_allowed`` False (the caller's allowlist refused ``fhirServer``): no request is made
+    and the access token is not used; the prefetch is used alone, as if there were no fhirServer.
     """
     required = set(required)
     prefetch = request.get("prefetch")
@@ -131,6 +134,11 @@ def resolve_prefetch(templates: dict[str, str], request: dict, client: FhirClien
     authorization = request.get("fhirAuthorization")
     token = authorization.get("access_token") if isinstance(authorization, dict) else None
     token = token if isinstance(token, str) and token else None
+    refused = server is not None and not server_allowed
+    if refused:
+        server, token = None, None
+    no_server = ("the fhirServer is not an allowed FHIR server for this client (not contacted)" if refused
+                 else "no fhirServer to fetch it from")
 
     keys = [_Key(name, template, render_template(template, context)) for name, template in templates.items()]
     for key in keys:
@@ -146,8 +154,7 @@ def resolve_prefetch(templates: dict[str, str], request: dict, client: FhirClien
         for key in wanted:
             if not key.continuation:
                 key.source = "failed"
-            key.failure = (f"{key.failure}; no fhirServer to fetch from" if key.continuation
-                           else f"{key.failure} and no fhirServer to fetch it from")
+            key.failure = f"{key.failure}; {no_server}" if key.continuation else f"{key.failure} and {no_server}"
             key.fetch = None
         wanted = []
     # 412 is for data that could not even be asked for; a source that was tried and failed is

@@ -1,4 +1,8 @@
-"""The HTTP edge: discovery, service calls and feedback, with errors mapped to statuses here only."""
+"""The HTTP edge: discovery, service calls and feedback, with errors mapped to statuses here only.
+
+Every route of the blueprint first authenticates the CDS client (``auth.Authenticator``; CORS
+preflight OPTIONS excepted); a failure is a bare 401.
+"""
 from __future__ import annotations
 
 import json
@@ -9,9 +13,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import jsonschema
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 
-from ..errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
+from ..errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
 from ..fhir.prefetch import resolve_prefetch
 from .registry import SERVICES, SERVICES_BY_ID, HookCall, prefetch_templates
 
@@ -66,7 +70,16 @@ def _read_json() -> dict:
 
 @blueprint.errorhandler(ServiceError)
 def _service_error(error: ServiceError):
+    if isinstance(error, Unauthorized):  # no details: the reason is in the log
+        return Response(b"", status=401, headers={"WWW-Authenticate": "Bearer"})
     return json_response(operation_outcome(error), error.status)
+
+
+@blueprint.before_request
+def _authenticate():
+    if request.method == "OPTIONS":  # CORS preflight: browsers send it without credentials
+        return
+    g.cds_client = current_app.config["CRS_CDS"].auth.authenticate(request)
 
 
 @blueprint.get("/cds-services")
@@ -101,7 +114,9 @@ def call_service(service_id: str):
         notes["hookInstance"] = body.get("hookInstance") if isinstance(body.get("hookInstance"), str) else None
         validate_hook_request(body, service.hook)
         templates = {key: state.templates[key] for key in service.prefetch_keys}
-        gathered = resolve_prefetch(templates, body, state.fhir_client, state.settings, set(service.required_keys))
+        allowed = state.auth.fhir_server_allowed(body.get("fhirServer"), g.cds_client)
+        gathered = resolve_prefetch(templates, body, state.fhir_client, state.settings, set(service.required_keys),
+                                    server_allowed=allowed)
         now = datetime.now(timezone.utc).replace(microsecond=0)
         call = HookCall(service, body, gathered.resources, gathered.failures, now,
                         state.protocol, state.terminology)
