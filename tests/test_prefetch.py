@@ -274,3 +274,38 @@ def test_resources_are_deduplicated_across_keys(client):
                 "everything": _searchset([_temp(2), _temp(3), patient])}
     result = resolve_prefetch(templates, _request(prefetch=prefetch), client, SETTINGS)
     assert _ids(result) == ["Patient/123", "Observation/123-t1", "Observation/123-t2", "Observation/123-t3"]
+
+
+# ---- Paging stops once a newest-first page reaches back far enough --------------------------------
+
+def _obs_at(identifier: str, when: str) -> dict:
+    return {"resourceType": "Observation", "id": identifier, "status": "final", "code": {"text": "t"},
+            "effectiveDateTime": when}
+
+
+def test_reaches_back_needs_a_newest_first_page_past_the_cutoff():
+    from datetime import datetime, timezone
+
+    from cds_service.fhir.prefetch import reaches_back
+
+    cutoff = datetime(2026, 11, 20, tzinfo=timezone.utc)
+    newest_first = [_obs_at("a", "2026-11-21T10:00:00Z"), _obs_at("b", "2026-11-19T10:00:00Z")]
+    assert reaches_back(newest_first, cutoff)
+    assert not reaches_back(newest_first[:1], cutoff)
+    assert not reaches_back(list(reversed(newest_first)), cutoff)  # a server that ignored _sort
+    assert not reaches_back([], cutoff)
+
+
+def test_a_prefetched_page_reaching_past_the_cutoff_is_complete(client, fhir_server, pid):
+    from datetime import datetime, timezone
+
+    cutoff = datetime(2026, 11, 20, tzinfo=timezone.utc)
+    page = {"resourceType": "Bundle", "type": "searchset",
+            "link": [{"relation": "next", "url": f"{fhir_server.base_url}/Observation?_offset=2"}],
+            "entry": [{"resource": _obs_at("a", "2026-11-21T10:00:00Z")},
+                      {"resource": _obs_at("b", "2026-11-19T10:00:00Z")}]}
+    prefetch = {"patient": None, "temperatures": page}
+    result = resolve_prefetch(TEMPLATES, _request(pid, prefetch, fhir_server.base_url), client, SETTINGS,
+                              cutoffs={"temperatures": cutoff})
+    assert result.failures == [] and result.sources["temperatures"] == "prefetch"
+    assert [r["id"] for r in result.resources] == ["a", "b"]

@@ -11,7 +11,7 @@ from cds_service.clinical.facts import (
     DEVICE_TIERS, ICANS_ANSWER_VALUESETS, MEDICATION_VALUESETS, OBSERVATION_VALUESETS,
 )
 from cds_service.clinical.protocol import default_protocol
-from cds_service.hooks.registry import ASSESSMENT_VALUESETS, VITALS_VALUESETS
+from cds_service.hooks.registry import OBSERVATION_KEYS
 from cds_service.scenarios import YESCARTA, Chart
 from cds_service.terminology import RXNORM, Terminology
 
@@ -22,7 +22,7 @@ NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
 
 def test_every_valueset_is_used_by_the_engine_a_profile_or_another_valueset():
     used = {vs for _, vs in OBSERVATION_VALUESETS} | set(MEDICATION_VALUESETS) | {vs for _, vs in DEVICE_TIERS}
-    used |= set(VITALS_VALUESETS) | set(ASSESSMENT_VALUESETS) | {"oxygen-device-nasal-cannula"}
+    used |= {vs for valuesets in OBSERVATION_KEYS.values() for vs in valuesets} | {"oxygen-device-nasal-cannula"}
     used |= set(ICANS_ANSWER_VALUESETS.values())
     for path in PROFILES.glob("*.json"):
         text = path.read_text(encoding="utf-8")

@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import requests
@@ -204,8 +204,12 @@ class FhirClient:
     # -- fetching --------------------------------------------------------------------------------
 
     def fetch(self, base_url: str, queries: dict[str, str], token: str | None,
-              budget_seconds: float | None = None) -> dict[str, FetchOutcome]:
-        """Fetch every query (relative to ``base_url``) in parallel; returns by the deadline."""
+              budget_seconds: float | None = None,
+              enough: dict[str, Callable[[list[dict]], bool]] | None = None) -> dict[str, FetchOutcome]:
+        """Fetch every query (relative to ``base_url``) in parallel; returns by the deadline.
+
+        ``enough[key](page)`` True stops paging that key after ``page`` (it holds all that is needed)."""
+        enough = enough or {}
         start = time.monotonic()
         budget = self.settings.fhir_budget_seconds if budget_seconds is None else float(budget_seconds)
         deadline = start + max(0.0, budget)
@@ -214,7 +218,7 @@ class FhirClient:
         token = token or None
         pool = self._pool()
         futures: dict[str, Future] = {
-            key: pool.submit(self._fetch_key, base_url, key, query, token, start, deadline)
+            key: pool.submit(self._fetch_key, base_url, key, query, token, start, deadline, enough.get(key))
             for key, query in queries.items()
         }
         wait(list(futures.values()), timeout=max(0.0, deadline - time.monotonic()))
@@ -235,7 +239,7 @@ class FhirClient:
         return results
 
     def _fetch_key(self, base_url: str, key: str, query: str, token: str | None,
-                   start: float, deadline: float) -> FetchOutcome:
+                   start: float, deadline: float, enough: Callable[[list[dict]], bool] | None = None) -> FetchOutcome:
         kind, rtype, description = _kind_and_description(base_url, query)
         settings = self.settings
         origin = origin_of(base_url)
@@ -310,7 +314,7 @@ class FhirClient:
             resources.extend(page)
 
             next_url = next_link(body)
-            if next_url is None:
+            if next_url is None or (enough is not None and enough(page)):
                 break
             url = urljoin(url, next_url)
             if origin_of(url) != origin:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 from urllib.parse import quote
 
+from cds_service.clinical.fhir_read import UnreadableValue, parse_datetime
 from cds_service.clinical.model import Unreadable
 from cds_service.errors import PreconditionFailed
 from cds_service.fhir.bundle import BundleError, resources_in
@@ -114,9 +116,28 @@ class _Key:
         return "unknown"
 
 
+def reaches_back(resources: list[dict], cutoff: datetime) -> bool:
+    """This page is newest-first and reaches past ``cutoff``: older pages are not needed.
+
+    A server that ignored ``_sort`` gives no such guarantee, so an unsorted page never ends paging."""
+    times = []
+    for resource in resources:
+        when = resource.get("effectiveDateTime") or (resource.get("effectivePeriod") or {}).get("start")
+        try:
+            times.append(parse_datetime(when))
+        except UnreadableValue:
+            return False
+    newest_first = all(a >= b for a, b in zip(times, times[1:]))
+    return bool(times) and newest_first and times[-1] < cutoff
+
+
 def resolve_prefetch(templates: dict[str, str], request: dict, client: FhirClient, settings: Any,
-                     required: Iterable[str] = frozenset(), server_allowed: bool = True) -> PrefetchResult:
+                     required: Iterable[str] = frozenset(), server_allowed: bool = True,
+                     cutoffs: dict[str, datetime] | None = None) -> PrefetchResult:
     """The resources for a service's prefetch templates, from the request and from fhirServer.
+
+    ``cutoffs``: for newest-first searches, how far back a key's data is needed; a page that
+    already reaches past it ends the paging.
 
     Raises ``PreconditionFailed`` naming the keys when a key in ``required`` was not prefetched
     and there is no FHIR server to fetch it from. A key that was tried and failed (an
@@ -144,6 +165,8 @@ def resolve_prefetch(templates: dict[str, str], request: dict, client: FhirClien
     for key in keys:
         if key.name in prefetch:
             _use_prefetched(key, prefetch[key.name])
+            if key.continuation and cutoffs and key.name in cutoffs and reaches_back(key.resources, cutoffs[key.name]):
+                key.fetch, key.continuation, key.failure = None, False, None  # the first page is enough
         else:
             key.failure, key.absent = "not prefetched", True
             _plan_fetch(key)
@@ -167,8 +190,10 @@ def resolve_prefetch(templates: dict[str, str], request: dict, client: FhirClien
     result = PrefetchResult()
     if wanted:
         started = time.monotonic()
+        enough = {name: (lambda page, cutoff=cutoff: reaches_back(page, cutoff))
+                  for name, cutoff in (cutoffs or {}).items()}
         outcomes = client.fetch(server, {key.name: key.fetch for key in wanted}, token,
-                                settings.fhir_budget_seconds)
+                                settings.fhir_budget_seconds, enough)
         result.fetch_seconds = time.monotonic() - started
         for key in wanted:
             _apply_outcome(key, outcomes[key.name], settings)

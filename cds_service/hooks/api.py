@@ -17,7 +17,7 @@ from flask import Blueprint, Response, current_app, g, request
 
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
 from ..fhir.prefetch import resolve_prefetch
-from .registry import SERVICES, SERVICES_BY_ID, HookCall, prefetch_templates
+from .registry import SERVICES, SERVICES_BY_ID, HookCall, prefetch_cutoffs, prefetch_templates
 
 log = logging.getLogger("crs_cds.hooks")
 SCHEMA_DIR = Path(__file__).with_name("schemas")
@@ -33,6 +33,8 @@ def schema_validator(name: str) -> jsonschema.protocols.Validator:
 
 
 def _first_error(validator, instance, where: str) -> str | None:
+    if validator.is_valid(instance):  # the common case, and the cheap one
+        return None
     error = next(iter(sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))), None)
     if error is None:
         return None
@@ -94,11 +96,16 @@ def validate_hook_request(body: dict, hook: str) -> None:
         raise BadRequest(problem)
     if body["hook"] != hook:
         raise BadRequest(f"service expects hook {hook!r}, request has {body['hook']!r}", expression="hook")
-    context_schema = schema_validator("request").schema["$defs"][hook]
-    problem = _first_error(jsonschema.Draft202012Validator(
-        {**context_schema, "$defs": schema_validator("request").schema["$defs"]}), body["context"], "context")
+    problem = _first_error(context_validator(hook), body["context"], "context")
     if problem:
         raise BadRequest(problem)
+
+
+@lru_cache(maxsize=None)
+def context_validator(hook: str) -> jsonschema.protocols.Validator:
+    """The request schema's definition of one hook's context, compiled once."""
+    defs = schema_validator("request").schema["$defs"]
+    return jsonschema.Draft202012Validator({**defs[hook], "$defs": defs})
 
 
 @blueprint.post("/cds-services/<service_id>")
@@ -115,9 +122,9 @@ def call_service(service_id: str):
         validate_hook_request(body, service.hook)
         templates = {key: state.templates[key] for key in service.prefetch_keys}
         allowed = state.auth.fhir_server_allowed(body.get("fhirServer"), g.cds_client)
-        gathered = resolve_prefetch(templates, body, state.fhir_client, state.settings, set(service.required_keys),
-                                    server_allowed=allowed)
         now = datetime.now(timezone.utc).replace(microsecond=0)
+        gathered = resolve_prefetch(templates, body, state.fhir_client, state.settings, set(service.required_keys),
+                                    server_allowed=allowed, cutoffs=prefetch_cutoffs(state.protocol, now))
         call = HookCall(service, body, gathered.resources, gathered.failures, now,
                         state.protocol, state.terminology)
         cards = service.handler(call)

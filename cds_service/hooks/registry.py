@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable
 
 from ..clinical import assess
@@ -15,15 +15,19 @@ from ..clinical.orders import review_orders
 from ..clinical.protocol import Protocol
 from ..errors import PreconditionFailed
 from ..fhir.bundle import resources_in
-from ..terminology import Terminology
+from ..terminology import IEC_TOXICITY, Terminology
 from .cards import assessment_cards, finding_cards
 
 log = logging.getLogger("crs_cds.hooks")
 
-# ValueSets whose codes the prefetch searches ask for (a site's local codes join automatically).
-VITALS_VALUESETS = ("body-temperature", "systolic-blood-pressure", "blood-pressure-panel", "oxygen-flow-rate",
-                    "oxygen-delivery-method", "pulse-oximetry")
-ASSESSMENT_VALUESETS = ("body-weight", "ferritin", "c-reactive-protein")
+# What each Observation prefetch key asks for, by ValueSet (a site's local codes join automatically).
+OBSERVATION_KEYS = {
+    "temperatures": ("body-temperature",),
+    "bloodPressures": ("systolic-blood-pressure", "blood-pressure-panel"),
+    "oxygen": ("oxygen-flow-rate", "oxygen-delivery-method", "pulse-oximetry"),
+    "assessments": ("body-weight", "ferritin", "c-reactive-protein"),
+}
+PAGE_SIZES = {"temperatures": 1000, "bloodPressures": 200, "oxygen": 300, "assessments": 200}
 ICANS_CODES = ("ice-score", "capd-score", "consciousness", "seizure", "motor-weakness", "cerebral-edema")
 
 
@@ -66,21 +70,31 @@ class ServiceDeclaration:
 
 def prefetch_templates(terminology: Terminology) -> dict[str, str]:
     """Prefetch templates with only root-level context tokens (Epic, Oracle Health and the Sandbox
-    all support these). Searches are narrowed by code and newest-first with a page size, since a
-    template cannot carry a date; the service follows ``next`` links itself when it needs more."""
+    all support these). A template cannot carry a date, so searches are narrowed by code, sorted
+    newest first with a page size, and split by concept so that a client or this service can run
+    them in parallel, each usually in one page; ``prefetch_cutoffs`` says how far back each one
+    matters, so paging stops there."""
     def codes(valuesets) -> list[str]:
-        found = {f"{system}|{code}" for vs in valuesets for (system, code) in terminology[vs].codes}
-        return sorted(found)
+        return sorted({f"{system}|{code}" for vs in valuesets for (system, code) in terminology[vs].codes})
 
-    from ..terminology import IEC_TOXICITY
+    templates = {"patient": "Patient/{{context.patientId}}"}
+    for key, valuesets in OBSERVATION_KEYS.items():
+        wanted = codes(valuesets) + ([f"{IEC_TOXICITY}|{c}" for c in ICANS_CODES] if key == "assessments" else [])
+        templates[key] = (f"Observation?patient={{{{context.patientId}}}}&code={','.join(wanted)}"
+                          f"&_sort=-date&_count={PAGE_SIZES[key]}")
+    templates["medications"] = "MedicationAdministration?patient={{context.patientId}}&_count=500"
+    return templates
 
-    vitals = ",".join(codes(VITALS_VALUESETS))
-    assessments = ",".join(codes(ASSESSMENT_VALUESETS) + [f"{IEC_TOXICITY}|{c}" for c in ICANS_CODES])
+
+def prefetch_cutoffs(protocol: Protocol, now: datetime) -> dict[str, datetime]:
+    """How far back each newest-first key is read by some rule (see clinical.scope.observation_horizon)."""
+    pairing = timedelta(minutes=protocol["oxygen"]["device_flow_pairing_minutes"])
+    episode_days = timedelta(days=protocol["scope"]["crs_risk_window_days"])
     return {
-        "patient": "Patient/{{context.patientId}}",
-        "vitals": "Observation?patient={{context.patientId}}&code=" + vitals + "&_sort=-date&_count=500",
-        "assessments": "Observation?patient={{context.patientId}}&code=" + assessments + "&_sort=-date&_count=200",
-        "medications": "MedicationAdministration?patient={{context.patientId}}&_count=500",
+        "temperatures": now - episode_days,
+        "bloodPressures": now - protocol.window("hypotension"),
+        "oxygen": now - protocol.window("oxygen") - pairing,
+        "assessments": now - max(episode_days, timedelta(days=protocol["weight_window_days"])),
     }
 
 
@@ -126,8 +140,8 @@ def _order_checks(call: HookCall, selections: list[str] | None) -> list[dict]:
     return finding_cards(findings, assessment, call.terminology)
 
 
-ALL_KEYS = ("patient", "vitals", "assessments", "medications")
-REQUIRED = frozenset({"vitals", "assessments", "medications"})
+ALL_KEYS = ("patient", *OBSERVATION_KEYS, "medications")
+REQUIRED = frozenset(ALL_KEYS) - {"patient"}
 
 SERVICES = [
     ServiceDeclaration(
