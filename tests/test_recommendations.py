@@ -359,3 +359,11 @@ def test_a_broken_site_protocol_is_a_clear_error(tmp_path):
 def test_cards_say_which_protocol_made_them():
     assessment = assess(crs(chart(), 2).resources, NOW)
     assert assessment.to_json()["protocol"].startswith("crs-cds default protocol")
+
+
+def test_order_checks_grade_the_patient_only_when_an_order_needs_it():
+    c = crs(chart(), 3)
+    gm_csf_only, _ = review_orders([draft(SARGRAMOSTIM)], c.resources, NOW)
+    assert gm_csf_only.in_scope and gm_csf_only.crs.value is None
+    with_tocilizumab, _ = review_orders([draft(SARGRAMOSTIM), draft(TOCILIZUMAB, 560, "t")], c.resources, NOW)
+    assert with_tocilizumab.crs.value == 3

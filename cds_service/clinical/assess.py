@@ -19,11 +19,14 @@ def _not_graded(syndrome: str, reason: str) -> Grade:
 
 
 def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | None = None,
-           terminology: Terminology | None = None, unread_sources: Iterable[Unreadable] = ()) -> Assessment:
+           terminology: Terminology | None = None, unread_sources: Iterable[Unreadable] = (),
+           grade: bool = True) -> Assessment:
     """Grade a patient from their FHIR resources at ``now`` (timezone-aware).
 
     ``unread_sources`` lists whole sources the caller could not read (a failed fetch, an
     OperationOutcome in a prefetch key): grades become "at least N" and name them.
+    ``grade=False`` only tells whether, and since when, the patient is in scope (no Observation is
+    read; both grades are None), for callers that need no more.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -31,7 +34,7 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
     terminology = terminology or load_terminology()
     def horizon_for(facts):
         episode = find_episode(facts, now, protocol)
-        return observation_horizon(protocol, episode, now) if episode else None
+        return observation_horizon(protocol, episode, now) if episode and grade else None
 
     facts = extract_facts(resources, now, terminology, protocol, horizon_for)
     facts.unreadable.extend(unread_sources)
@@ -43,6 +46,14 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
         return Assessment(now, protocol.label, False, reason, _not_graded("CRS", reason),
                           _not_graded("ICANS", reason), facts.patient_id, unreadable=facts.unreadable,
                           assessable=not medication_unread)
+    latest = episode.latest
+    scope_reason = (f"{latest.agent} {latest.start:%Y-%m-%d %H:%M} UTC, "
+                    f"day {(now - episode.start).days} of the episode")
+    if not grade:
+        reason = "not graded: no check needed the grades"
+        return Assessment(now, protocol.label, True, scope_reason, _not_graded("CRS", reason),
+                          _not_graded("ICANS", reason), facts.patient_id, latest.evidence(f"{latest.agent} given"),
+                          unreadable=facts.unreadable, iec_car_t="car-t-products" in latest.categories)
     situation = Situation(facts, now, protocol, episode, age_on(facts.birth_date, now))
     icans = grade_icans(situation) if episode.icans_in_scope else _not_graded("ICANS", "outside the ICANS window")
     if episode.crs_in_scope:
@@ -53,9 +64,6 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
         if grade.value is not None and facts.unreadable:
             grade.at_least = True
             grade.missing = [f"{u.reference}: {u.reason}" for u in facts.unreadable]
-    latest = episode.latest
-    scope_reason = (f"{latest.agent} {latest.start:%Y-%m-%d %H:%M} UTC, "
-                    f"day {(now - episode.start).days} of the episode")
     return Assessment(now, protocol.label, True, scope_reason, crs, icans, facts.patient_id,
                       latest.evidence(f"{latest.agent} given"), recommend(situation, crs, icans), facts.unreadable,
                       iec_car_t="car-t-products" in latest.categories, situation=situation)

@@ -94,32 +94,33 @@ def gm_csf_after_iec(order: DraftOrder, assessment: Assessment, protocol: Protoc
         target=order.reference, remove_target=True)]
 
 
-def steroid_premedication(order: DraftOrder, assessment: Assessment, drafts: list[DraftOrder],
-                          resources: list[Mapping], now: datetime, protocol: Protocol,
-                          terminology: Terminology) -> list[Recommendation]:
+def car_t_dose_near(scope: Assessment, drafts: list[DraftOrder], resources: list[Mapping], now: datetime,
+                    protocol: Protocol, terminology: Terminology) -> str | None:
+    """Why a CAR-T dose is scheduled or was just given (within 24 h), or None."""
+    window = timedelta(hours=protocol["order_checks"]["steroid_premedication_window_hours"])
+    if any("car-t-products" in d.categories for d in drafts):
+        return "a CAR-T order is in this session"
+    if any(r.get("resourceType") == "MedicationRequest" and r.get("status") in ("active", "draft", "on-hold")
+           and terminology.match("car-t-products", r.get("medicationCodeableConcept")) for r in resources):
+        return "a CAR-T product is ordered"
+    if scope.iec_car_t and scope.iec_therapy is not None and now - scope.iec_therapy.time <= window:
+        return f"CAR-T given {scope.iec_therapy.time:%Y-%m-%d %H:%M} UTC"
+    return None
+
+
+def steroid_premedication(order: DraftOrder, assessment: Assessment, car_t_near: str | None,
+                          protocol: Protocol) -> list[Recommendation]:
     """Rule 8. When a corticosteroid is ordered within 24 h before a scheduled or just-given
     CAR-T dose, then warn: no routine steroid premedication for CAR-T. T-cell engagers are the
     exception (their labels require premedication), and so is a steroid the current CRS/ICANS
     grade calls for.  Source: seed 000; decisions.md 6 rule 8."""
-    if "systemic-corticosteroids" not in order.categories:
+    if "systemic-corticosteroids" not in order.categories or car_t_near is None:
         return []
     if assessment.recommendation("corticosteroid") or assessment.recommendation("concurrent-icans"):
         return []  # the steroid treats CRS/ICANS; it is not premedication
-    window = timedelta(hours=protocol["order_checks"]["steroid_premedication_window_hours"])
-    car_t_orders = [d for d in drafts if "car-t-products" in d.categories]
-    car_t_requests = [r for r in resources if r.get("resourceType") == "MedicationRequest"
-                      and r.get("status") in ("active", "draft", "on-hold")
-                      and terminology.match("car-t-products", r.get("medicationCodeableConcept"))]
-    just_given = (assessment.iec_car_t and assessment.iec_therapy is not None
-                  and now - assessment.iec_therapy.time <= window)
-    if not (car_t_orders or car_t_requests or just_given):
-        return []
-    which = ("a CAR-T order is in this session" if car_t_orders else
-             "a CAR-T product is ordered" if car_t_requests else
-             f"CAR-T given {assessment.iec_therapy.time:%Y-%m-%d %H:%M} UTC")
     return [Recommendation(
         "steroid-premedication", "warning", "Steroid premedication before CAR-T: not recommended",
-        [f"{order.agent} ordered while {which}.",
+        [f"{order.agent} ordered while {car_t_near}.",
          "Routine corticosteroid premedication is avoided with CAR-T cells (it may blunt their expansion); "
          "T-cell engagers are the exception.", "If this steroid treats CRS or ICANS, override with that reason."],
         protocol["order_checks"]["steroid_premedication_source"], target=order.reference)]
@@ -170,18 +171,23 @@ def review_orders(draft_resources: Iterable[Mapping], patient_resources: Iterabl
                   selections: Iterable[str] | None = None, protocol: Protocol | None = None,
                   terminology: Terminology | None = None, unread_sources=()) -> tuple[Assessment, list[Recommendation]]:
     """Check draft orders (only the ``selections`` when given, as order-select asks) against the
-    patient's record at ``now``."""
+    patient's record at ``now``. The patient is graded only when an order needs the grades (a
+    tocilizumab order, or a steroid near a CAR-T dose); the GM-CSF check needs only the scope."""
     protocol = protocol or default_protocol()
     terminology = terminology or load_terminology()
     patient_resources = list(patient_resources)
-    assessment = assess(patient_resources, now, protocol, terminology, unread_sources)
     drafts = read_draft_orders(draft_resources, terminology)
     focus = set(selections) if selections else None
+    chosen = [order for order in drafts if focus is None or order.reference in focus]
+    scope = assess(patient_resources, now, protocol, terminology, unread_sources, grade=False)
+    car_t_near = car_t_dose_near(scope, drafts, patient_resources, now, protocol, terminology) \
+        if scope.assessable else None
+    needs_grades = scope.in_scope and any(
+        "tocilizumab" in o.categories or ("systemic-corticosteroids" in o.categories and car_t_near) for o in chosen)
+    assessment = assess(patient_resources, now, protocol, terminology, unread_sources) if needs_grades else scope
     findings: list[Recommendation] = []
-    for order in drafts:
-        if focus is not None and order.reference not in focus:
-            continue
+    for order in chosen:
         findings += gm_csf_after_iec(order, assessment, protocol)
-        findings += steroid_premedication(order, assessment, drafts, patient_resources, now, protocol, terminology)
+        findings += steroid_premedication(order, assessment, car_t_near, protocol)
         findings += tocilizumab_order(order, assessment, protocol)
     return assessment, findings
