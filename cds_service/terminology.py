@@ -121,6 +121,7 @@ class Terminology:
     def __init__(self, concepts: dict[str, Concept], sources: list[str]):
         self.concepts = concepts
         self.sources = sources
+        self._indexes: dict[tuple[str, ...], _CategoryIndex] = {}
 
     def __getitem__(self, valueset_id: str) -> Concept:
         try:
@@ -130,6 +131,30 @@ class Terminology:
 
     def match(self, valueset_id: str, codeable: Mapping | None, extra_texts: Iterable[str] = ()) -> str | None:
         return self[valueset_id].match(codeable, extra_texts)
+
+    def categories(self, valueset_ids: tuple[str, ...], codeable: Mapping | None,
+                   extra_texts: Iterable[str] = ()) -> dict[str, str]:
+        """Every listed ValueSet the concept falls in, with the agent it names there: the same
+        answer as ``match`` per ValueSet, in one code lookup and one pattern search."""
+        index = self._category_index(valueset_ids)
+        found: dict[str, str] = {}
+        for key in codeable_codes(codeable):
+            for valueset, agent in index.codes.get(key, ()):
+                found.setdefault(valueset, agent)
+        texts = [*codeable_texts(codeable), *[t for t in extra_texts if isinstance(t, str)]]
+        missing = [vs for vs in valueset_ids if vs not in found]
+        if missing and texts and index.pattern is not None:
+            for text in texts:
+                for name in index.pattern.findall(text.lower()):
+                    for valueset, agent in index.names[name]:
+                        found.setdefault(valueset, agent)
+        return {vs: found[vs] for vs in valueset_ids if vs in found}
+
+    def _category_index(self, valueset_ids: tuple[str, ...]) -> "_CategoryIndex":
+        index = self._indexes.get(valueset_ids)
+        if index is None:
+            index = self._indexes[valueset_ids] = _CategoryIndex.build([self[vs] for vs in valueset_ids])
+        return index
 
     def has_code(self, valueset_id: str, codeable: Mapping | None) -> bool:
         return self[valueset_id].agent_for_code(codeable_codes(codeable)) is not None
@@ -145,6 +170,28 @@ class Terminology:
                 _merge(by_url, _read_valueset(path))
         _resolve_includes(by_url)
         return cls({c.id: c for c in by_url.values()}, [str(d) for d in dirs])
+
+
+@dataclass
+class _CategoryIndex:
+    """Several ValueSets merged for one-pass matching: code or name -> [(ValueSet id, agent)]."""
+
+    codes: dict[tuple[str, str], list[tuple[str, str]]]
+    names: dict[str, list[tuple[str, str]]]
+    pattern: re.Pattern | None
+
+    @classmethod
+    def build(cls, concepts: list[Concept]) -> "_CategoryIndex":
+        codes: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        names: dict[str, list[tuple[str, str]]] = {}
+        for concept in concepts:
+            for key, agent in concept.codes.items():
+                codes.setdefault(key, []).append((concept.id, agent))
+            for name, agent in concept.names.items():
+                names.setdefault(name, []).append((concept.id, agent))
+        alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+        pattern = re.compile(rf"(?<![a-z0-9])({alternatives})(?![a-z0-9])") if names else None
+        return cls(codes, names, pattern)
 
 
 def _read_valueset(path: Path) -> Concept:

@@ -87,3 +87,21 @@ def test_every_coded_icans_answer_has_a_grade_in_the_protocol():
               "cerebral_edema": icans["cerebral_edema_grades"]}
     for kind, valueset in ICANS_ANSWER_VALUESETS.items():
         assert {code for _, code in terms[valueset].codes} == set(tables[kind]), kind
+
+
+def test_one_pass_categories_agree_with_matching_each_valueset():
+    from cds_service.scenarios import SCENARIOS
+
+    terms = Terminology.load()
+    now = NOW
+    seen = 0
+    for scenario in SCENARIOS:
+        for resource in scenario.resources(now):
+            if resource["resourceType"] != "MedicationAdministration":
+                continue
+            codeable = resource.get("medicationCodeableConcept") or resource["contained"][0]["code"]
+            one_by_one = {vs: terms.match(vs, codeable) for vs in MEDICATION_VALUESETS}
+            assert terms.categories(tuple(MEDICATION_VALUESETS), codeable) == \
+                {vs: agent for vs, agent in one_by_one.items() if agent}
+            seen += 1
+    assert seen > 50

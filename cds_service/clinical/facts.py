@@ -58,11 +58,11 @@ QUANTITY_UNITS = {"temperature": "Cel", "sbp": "mmHg", "o2_flow": "L/min", "weig
 LABEL_UNITS = {"temperature": "°C", "sbp": "mmHg", "o2_flow": "L/min", "weight": "kg",
                "ferritin": "ng/mL", "crp": "mg/L"}
 # Medication categories (ValueSet ids) a MedicationAdministration may fall in.
-MEDICATION_VALUESETS = [
+MEDICATION_VALUESETS = (
     "iec-therapies", "car-t-products", "t-cell-engagers", "car-t-early-steroid-products",
     "tocilizumab", "anti-cytokine-therapies", "systemic-corticosteroids", "antipyretics",
     "vasopressors", "vasopressin", "inotropes", "gm-csf", "g-csf", "sedatives",
-]
+)
 # Oxygen devices by ASTCT tier; the highest tier a device name matches wins.
 DEVICE_TIERS = [
     (4, "oxygen-device-positive-pressure"),
@@ -344,8 +344,7 @@ class FactExtractor:
 
     def _administration(self, admin: Mapping) -> None:
         codeable, texts = self._medication_concept(admin)
-        categories = {vs: self.terms.match(vs, codeable, texts) for vs in MEDICATION_VALUESETS}
-        categories = {vs: agent for vs, agent in categories.items() if agent}
+        categories = self.terms.categories(MEDICATION_VALUESETS, codeable, texts)
         if not categories:
             if codeable is None and not texts:
                 self._unreadable(admin, "medication could not be resolved")

@@ -69,8 +69,7 @@ def read_draft_orders(resources: Iterable[Mapping], terminology: Terminology) ->
             else:
                 medication = medications.get(reference_key(target))
             codeable = medication.get("code") if medication else None
-        matches = {vs: terminology.match(vs, codeable, texts) for vs in MEDICATION_VALUESETS}
-        matches = {vs: agent for vs, agent in matches.items() if agent}
+        matches = terminology.categories(MEDICATION_VALUESETS, codeable, texts)
         orders.append(DraftOrder(resource_key(order), next(iter(matches.values()), None), frozenset(matches),
                                  _dose_mg(order), order))
     return orders
