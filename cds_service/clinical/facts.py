@@ -194,25 +194,24 @@ class FactExtractor:
                 self._observation(resource)
         return self.facts
 
-    def _worth_reading(self, obs: Mapping, kinds: list[str]) -> bool:
+    def _worth_reading(self, timing: tuple | None, kinds: list[str]) -> bool:
         """Inside the horizon of at least one of its kinds (an unparseable time is read, to be reported)."""
-        if self.horizon is None:
+        if self.horizon is None or timing is None:
             return True
-        try:
-            start, end = effective_interval(obs)
-        except UnreadableValue:
-            return True
+        start, end = timing
         return any(self.horizon.admits(kind, start, end or start) for kind in kinds)
 
-    def _readable_timing(self, resource: Mapping, ignored: set[str], allowed: set[str]):
+    def _readable_timing(self, resource: Mapping, ignored: set[str], allowed: set[str], parsed=None):
         """(start, end) of a relevant resource that counts; None when its status says to ignore it
-        or it cannot be read (then it is reported)."""
+        or it cannot be read (then it is reported). ``parsed``: the interval, when already read."""
         if resource.get("status") in ignored:
             return None
         problem = validation_error(resource) or _status_problem(resource, allowed)
         if problem:
             self._unreadable(resource, problem)
             return None
+        if parsed is not None:
+            return parsed
         try:
             return effective_interval(resource)
         except UnreadableValue as exc:
@@ -252,9 +251,13 @@ class FactExtractor:
         if kind is None and not component_kinds:
             return
         kinds = ([kind] if kind and kind != "bp_panel" else []) + [k for k, _ in component_kinds]
-        if not self._worth_reading(obs, kinds or [kind]):
+        try:
+            parsed = effective_interval(obs)
+        except UnreadableValue:
+            parsed = None  # reported below
+        if not self._worth_reading(parsed, kinds or [kind]):
             return
-        timing = self._readable_timing(obs, IGNORED_OBSERVATION_STATUSES, OBSERVATION_STATUSES)
+        timing = self._readable_timing(obs, IGNORED_OBSERVATION_STATUSES, OBSERVATION_STATUSES, parsed)
         if timing is None:
             return
         start, end = timing
