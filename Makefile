@@ -4,7 +4,7 @@ VENV := .venv
 FHIR_VENV := .fhir-venv
 SEKMET_VERSION := 0.1.1
 
-.PHONY: install test fhir-server clean
+.PHONY: install test fhir-server bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ fhir-server: $(FHIR_VENV)/bin/sekmet
 
 test: install fhir-server
 	CRS_CDS_SEKMET=$(FHIR_VENV)/bin/sekmet $(VENV)/bin/python -m pytest -q
+
+# Throughput, latency and memory under gunicorn against a bare Flask reference (benchmarks/README.md).
+# BENCH_ARGS: e.g. --quick, or --runs 3 --duration 10.
+bench: install fhir-server
+	$(VENV)/bin/pip install --quiet '.[production]'
+	$(VENV)/bin/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(FHIR_VENV) build dist *.egg-info .pytest_cache .hypothesis
