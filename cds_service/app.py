@@ -13,6 +13,7 @@ from .feedback import FeedbackStore
 from .fhir.client import FhirClient
 from .hooks.api import blueprint, discovery_document, prefetch_templates
 from .hooks.auth import Authenticator
+from .hooks.openapi import openapi_blueprint
 from .settings import Settings
 from .terminology import load_terminology
 
@@ -50,6 +51,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.config["CRS_CDS"] = state
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.register_blueprint(blueprint)
+    app.register_blueprint(openapi_blueprint)  # GET /openapi.json, no client JWT (why: hooks/openapi.py)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):

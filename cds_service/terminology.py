@@ -44,7 +44,7 @@ SYSTEM_ALIASES = {
 
 
 def canonical_system(system: str | None) -> str:
-    system = (system or "").strip()
+    system = system.strip() if isinstance(system, str) else ""
     return SYSTEM_ALIASES.get(system, system)
 
 
@@ -53,16 +53,20 @@ def codeable_texts(codeable: Mapping | None) -> list[str]:
     if not isinstance(codeable, dict):
         return []
     texts = [codeable.get("text")]
-    texts += [c.get("display") for c in codeable.get("coding") or [] if isinstance(c, dict)]
+    coding = codeable.get("coding")
+    texts += [c.get("display") for c in coding if isinstance(c, dict)] if isinstance(coding, list) else []
     return [t for t in texts if isinstance(t, str) and t.strip()]
 
 
 def codeable_codes(codeable: Mapping | None) -> list[tuple[str, str]]:
     if not isinstance(codeable, dict):
         return []
+    coding = codeable.get("coding")
+    if not isinstance(coding, list):  # a malformed coding (an object, a number) has no codes
+        return []
     return [
         (canonical_system(c.get("system")), str(c.get("code")).strip())
-        for c in codeable.get("coding") or []
+        for c in coding
         if isinstance(c, dict) and c.get("code") is not None
     ]
 

@@ -270,3 +270,22 @@ def serve_app_module():
     yield serve
     for service in running:
         service.close()
+
+
+# -- fuzzing: how many cases each run generated, shown at the end of every pytest run ---------------
+
+FUZZ_COUNTS = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="session")
+def fuzz_counts(pytestconfig) -> dict:
+    """``{run name: generated cases}``, filled by the fuzz tests and printed by pytest_terminal_summary."""
+    return pytestconfig.stash.setdefault(FUZZ_COUNTS, {})
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    counts = config.stash.get(FUZZ_COUNTS, None)
+    if counts:
+        terminalreporter.write_sep("-", f"fuzz cases generated: {sum(counts.values())}")
+        for name, count in sorted(counts.items()):
+            terminalreporter.write_line(f"{name}: {count}")

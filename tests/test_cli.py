@@ -92,6 +92,7 @@ def test_installed_wheel_carries_its_data_and_works_from_another_directory(tmp_p
     assert "cds_service/cards/crs-icans-assessment.json" in names
     assert "cds_service/clinical/default_protocol.json" in names
     assert "cds_service/hooks/schemas/request.json" in names
+    assert "cds_service/hooks/openapi.json" in names
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                               str(wheel)], capture_output=True, text=True, timeout=300)
@@ -108,6 +109,10 @@ def test_installed_wheel_carries_its_data_and_works_from_another_directory(tmp_p
     located = subprocess.run([sys.executable, "-c", "import cds_service; print(cds_service.__file__)"],
                              capture_output=True, text=True, cwd=elsewhere, env=env)
     assert located.stdout.startswith(str(target))
+    openapi = subprocess.run([sys.executable, "-c", "from cds_service.hooks.openapi import openapi_document as d; "
+                              "print(sorted(d()['components']['schemas']['CdsServiceRequest']['$defs']))"],
+                             capture_output=True, text=True, cwd=elsewhere, env=env)
+    assert openapi.returncode == 0 and "patient-view" in openapi.stdout, openapi.stderr
 
 
 def test_scenarios_load_into_a_real_fhir_server(fhir_server):

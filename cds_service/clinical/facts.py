@@ -116,7 +116,8 @@ class _ValidationMemo:
     def __call__(self, resource: Mapping, validate) -> str | None:
         try:
             key = self.key(resource)
-        except (TypeError, ValueError):
+            hash(key)  # a version tuple of malformed values (a dict as the id) is no key
+        except (TypeError, ValueError, RecursionError):
             return validate(resource)
         with self.lock:
             if key in self.results:
@@ -204,7 +205,8 @@ class FactExtractor:
     def _readable_timing(self, resource: Mapping, ignored: set[str], allowed: set[str], parsed=None):
         """(start, end) of a relevant resource that counts; None when its status says to ignore it
         or it cannot be read (then it is reported). ``parsed``: the interval, when already read."""
-        if resource.get("status") in ignored:
+        status = resource.get("status")
+        if isinstance(status, str) and status in ignored:  # any other status is reported below
             return None
         problem = validation_error(resource) or _status_problem(resource, allowed)
         if problem:
@@ -364,7 +366,8 @@ class FactExtractor:
             return  # stopped before it started
         agent = next(iter(categories.values()))
         dose_mg = None
-        dose = (admin.get("dosage") or {}).get("dose")
+        dosage = admin.get("dosage")
+        dose = dosage.get("dose") if isinstance(dosage, dict) else None
         if dose is not None:
             try:
                 dose_mg = quantity_in(dose, "mg")
@@ -377,7 +380,9 @@ class FactExtractor:
 
 def _status_problem(resource: Mapping, allowed: set[str]) -> str | None:
     status = resource.get("status")
-    return None if status in allowed else f"status {status!r} is not a {resource.get('resourceType')} status"
+    if isinstance(status, str) and status in allowed:
+        return None
+    return f"status {repr(status)[:60]} is not a {resource.get('resourceType')} status"
 
 
 def _human(kind: str) -> str:

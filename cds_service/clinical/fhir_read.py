@@ -29,7 +29,10 @@ def parse_datetime(value: object) -> datetime:
         raise UnreadableValue(f"not a FHIR dateTime: {value!r}") from exc
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+    try:
+        return moment.astimezone(timezone.utc)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00: before datetime.min in UTC
+        raise UnreadableValue(f"not a FHIR dateTime in range: {value!r}") from None
 
 
 def parse_date(value: object) -> date:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import requests
+from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
 from cds_service.settings import Settings
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 MAX_WORKERS = 8
 _CHUNK = 64 * 1024
+# One answer, decoded. A page of even 5000 resources is far smaller; past this, the server is
+# broken or hostile, and holding (then parsing) all of it could exhaust the process's memory.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 # Characters left as they are in a relative query; everything else is percent-encoded.
 _PATH_SAFE = "$:@!*'(),;=-._~"
 _NAME_SAFE = ":.-_~"
@@ -154,6 +158,32 @@ def next_link(bundle: dict) -> str | None:
         if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
             return link["url"] or None
     return None
+
+
+def _read_body(response: requests.Response, deadline: float, description: str) -> bytes:
+    """The (decoded) body, read until the deadline and up to ``MAX_RESPONSE_BYTES``.
+
+    ``read1`` returns as soon as any bytes arrive, so the deadline is checked however slowly the
+    server sends: a server that drips its answer a byte at a time never trips the read timeout, and
+    with ``iter_content`` (which waits for a whole chunk) it would hold this thread, and so a slot
+    of the shared pool, long after the hook call has answered.
+    """
+    too_large = f"FHIR server sent more than {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB for {description}"
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+        raise _FetchError(too_large)
+    read1 = getattr(response.raw, "read1", None)  # urllib3 2
+    chunks = (iter(lambda: read1(_CHUNK, decode_content=True), b"") if read1 is not None
+              else response.iter_content(_CHUNK))
+    parts, size = [], 0
+    for chunk in chunks:
+        parts.append(chunk)
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise _FetchError(too_large)
+        if time.monotonic() >= deadline:
+            raise _FetchError(f"time budget exhausted while reading {description}")
+    return b"".join(parts)
 
 
 class FhirClient:
@@ -309,7 +339,10 @@ class FhirClient:
             pages += 1
             room = settings.fhir_max_resources_per_key - len(resources)
             if len(page) > room:
-                resources.extend(page[:max(0, room)])
+                kept = page[:max(0, room)]
+                resources.extend(kept)
+                if enough is not None and kept and enough(kept):
+                    return done()  # newest first, and what was kept already reaches back far enough
                 return done(False, f"{description} stopped at {len(resources)} resources (resource limit)")
             resources.extend(page)
 
@@ -343,12 +376,7 @@ class FhirClient:
                                       "(access token missing, expired or not authorised)")
                 if not 200 <= status < 300:
                     raise _FetchError(f"FHIR server answered {status} for {description}")
-                chunks = []
-                for chunk in response.iter_content(_CHUNK):
-                    chunks.append(chunk)
-                    if time.monotonic() >= deadline:
-                        raise _FetchError(f"time budget exhausted while reading {description}")
-                raw = b"".join(chunks)
+                raw = _read_body(response, deadline, description)
         except requests.Timeout:
             raise _FetchError(f"{description} timed out after {timeout:.1f} s") from None
         except requests.ConnectionError as exc:
@@ -357,9 +385,13 @@ class FhirClient:
             raise _FetchError(f"could not connect to the FHIR server for {description}") from None
         except requests.RequestException as exc:
             raise _FetchError(f"request for {description} failed ({type(exc).__name__})") from None
+        except ReadTimeoutError:  # from read1 (urllib3's own exceptions: requests wraps only iter_content)
+            raise _FetchError(f"{description} timed out after {timeout:.1f} s") from None
+        except Urllib3Error as exc:  # e.g. the connection reset mid-body, a broken gzip stream
+            raise _FetchError(f"request for {description} failed ({type(exc).__name__})") from None
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise _FetchError(f"FHIR server sent invalid JSON for {description}") from None
         if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
             raise _FetchError(f"FHIR server sent JSON that is not a FHIR resource for {description}")

@@ -122,7 +122,8 @@ def reaches_back(resources: list[dict], cutoff: datetime) -> bool:
     A server that ignored ``_sort`` gives no such guarantee, so an unsorted page never ends paging."""
     times = []
     for resource in resources:
-        when = resource.get("effectiveDateTime") or (resource.get("effectivePeriod") or {}).get("start")
+        period = resource.get("effectivePeriod")
+        when = resource.get("effectiveDateTime") or (period.get("start") if isinstance(period, dict) else None)
         try:
             times.append(parse_datetime(when))
         except UnreadableValue:

@@ -7,27 +7,27 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from datetime import datetime, timezone
 from functools import lru_cache
-from pathlib import Path
 
 import jsonschema
 from flask import Blueprint, Response, current_app, g, request
 
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
 from ..fhir.prefetch import resolve_prefetch
+from .openapi import load_schema_file
 from .registry import SERVICES, SERVICES_BY_ID, HookCall, prefetch_cutoffs, prefetch_templates
 
 log = logging.getLogger("crs_cds.hooks")
-SCHEMA_DIR = Path(__file__).with_name("schemas")
 
 blueprint = Blueprint("cds_hooks", __name__)
 
 
 @lru_cache(maxsize=None)
 def schema_validator(name: str) -> jsonschema.protocols.Validator:
-    schema = json.loads((SCHEMA_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    schema = load_schema_file(name)  # the same files the OpenAPI document embeds (openapi.py)
     validator_class = jsonschema.validators.validator_for(schema)
     return validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
 
@@ -38,8 +38,34 @@ def _first_error(validator, instance, where: str) -> str | None:
     error = next(iter(sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))), None)
     if error is None:
         return None
-    path = ".".join(str(p) for p in error.absolute_path)
-    return f"{where}{'.' + path if path else ''}: {error.message}"
+    path = ".".join(_short(str(p), 80) for p in error.absolute_path)
+    return f"{where}{'.' + path if path else ''}: {_what_is_wrong(error)}"
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _what_is_wrong(error: jsonschema.ValidationError) -> str:
+    """The broken rule, in the schema's words only: jsonschema's own messages quote the offending
+    value, which may be an access token or resource contents (this text is logged and sent back)."""
+    rule, value = error.validator, error.validator_value
+    if rule in ("required", "dependentRequired"):  # names only, and they come from the schema
+        return error.message
+    wording = {
+        "type": lambda: f"must be of type {value if isinstance(value, str) else ' or '.join(value)}",
+        "enum": lambda: f"must be one of {', '.join(json.dumps(v) for v in value)}",
+        "const": lambda: f"must be {json.dumps(value)}",
+        "pattern": lambda: f"must match the pattern {value}",
+        "format": lambda: f"must be a valid {value}",
+        "minLength": lambda: f"must be at least {value} characters long",
+        "maxLength": lambda: f"must be at most {value} characters long",
+        "minItems": lambda: f"must have at least {value} items",
+        "maxItems": lambda: f"must have at most {value} items",
+        "minProperties": lambda: f"must have at least {value} properties",
+        "additionalProperties": lambda: "has properties that are not allowed here",
+    }.get(rule)
+    return _short(wording(), 300) if wording else f"does not satisfy the schema's {rule!r} rule"
 
 
 def json_response(body, status: int = 200) -> Response:
@@ -65,9 +91,25 @@ def _read_json() -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+        # JSON lets "\ud800" through; no UTF-8 text (the database, the response) can hold it.
+        raise BadRequest("request body is not valid JSON text: an escaped UTF-16 surrogate without its pair")
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(body: dict) -> bool:
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 @blueprint.errorhandler(ServiceError)
@@ -95,7 +137,8 @@ def validate_hook_request(body: dict, hook: str) -> None:
     if problem:
         raise BadRequest(problem)
     if body["hook"] != hook:
-        raise BadRequest(f"service expects hook {hook!r}, request has {body['hook']!r}", expression="hook")
+        raise BadRequest(f"service expects hook {hook!r}, request has {_short(body['hook'], 60)!r}",
+                         expression="hook")
     problem = _first_error(context_validator(hook), body["context"], "context")
     if problem:
         raise BadRequest(problem)
@@ -118,7 +161,8 @@ def call_service(service_id: str):
         if service is None:
             raise NotFound(f"no CDS service {service_id!r}")
         body = _read_json()
-        notes["hookInstance"] = body.get("hookInstance") if isinstance(body.get("hookInstance"), str) else None
+        hook_instance = body.get("hookInstance")
+        notes["hookInstance"] = _short(hook_instance, 100) if isinstance(hook_instance, str) else None
         validate_hook_request(body, service.hook)
         templates = {key: state.templates[key] for key in service.prefetch_keys}
         allowed = state.auth.fhir_server_allowed(body.get("fhirServer"), g.cds_client)
@@ -139,8 +183,10 @@ def call_service(service_id: str):
         notes["reason"] = error.message
         raise
     finally:
+        client = g.get("cds_client")  # the verified JWT's client; None when auth is off
         log.info(json.dumps({
             "event": "hook-call", "service": service_id, "hookInstance": notes.get("hookInstance"),
+            "iss": client.iss if client is not None else None,
             "outcome": outcome, "ms": round((time.perf_counter() - started) * 1000, 1),
             "cards": [c["source"]["topic"]["code"] for c in cards], "grades": notes.get("grades"),
             "sources": notes.get("sources"), "lenient": notes.get("lenient"), "reason": notes.get("reason"),

@@ -13,8 +13,8 @@ from ..clinical import assess
 from ..clinical.model import Assessment, Unreadable
 from ..clinical.orders import review_orders
 from ..clinical.protocol import Protocol
-from ..errors import PreconditionFailed
-from ..fhir.bundle import resources_in
+from ..errors import BadRequest, PreconditionFailed
+from ..fhir.bundle import BundleError, resources_in
 from ..terminology import IEC_TOXICITY, Terminology
 from .cards import assessment_cards, finding_cards
 
@@ -103,7 +103,7 @@ def _assess_or_412(call: HookCall) -> Assessment:
     if not assessment.assessable:
         raise PreconditionFailed("the patient's medication administrations could not be read, so whether "
                                  "IEC therapy was given cannot be told: "
-                                 + "; ".join(f"{u.reference}: {u.reason}" for u in call.unread))
+                                 + "; ".join(f"{u.reference}: {u.reason}" for u in assessment.unreadable))
     call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
     return assessment
 
@@ -118,7 +118,10 @@ def _draft_resources(call: HookCall) -> list[dict]:
     draft = call.context["draftOrders"]
     if "type" not in draft:
         call.notes["lenient"] = "draftOrders without Bundle.type"
-    return resources_in(draft)
+    try:
+        return resources_in(draft)
+    except BundleError as error:
+        raise BadRequest(f"context.draftOrders: {error}", expression="context.draftOrders") from None
 
 
 def order_sign(call: HookCall) -> list[dict]:

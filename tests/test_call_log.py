@@ -1,0 +1,130 @@
+"""The one log line per hook call: who called (the JWT's iss), which call, how it ended, how long it
+took, which cards and grades; never a token, a JWT or the patient's data."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from datetime import datetime, timezone
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+
+from cds_service.app import create_app
+from cds_service.examples import hook_request
+from cds_service.scenarios import by_name
+from cds_service.settings import Settings
+
+ISS = "https://ehr.example.org/cds-client"
+KEY = ec.generate_private_key(ec.SECP384R1())
+SERVICE = "/cds-services/crs-icans-assessment"
+FHIR_TOKEN = "fhir-access-token-7c41d2-never-logged"
+SCENARIO = "crs3-norepi-vaso"
+
+
+def signed(aud: str) -> str:
+    now = int(time.time())
+    return jwt.encode({"iss": ISS, "aud": aud, "iat": now, "exp": now + 300, "jti": str(uuid.uuid4())}, KEY,
+                      algorithm="ES384", headers={"kid": "k1", "typ": "JWT"})
+
+
+def hook_call_lines(caplog) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records
+            if r.name == "crs_cds.hooks" and '"event": "hook-call"' in r.getMessage()]
+
+
+def patient_strings(now: datetime) -> list[str]:
+    """Text from the chart that must not reach the log: the patient's name and birth date."""
+    patient = next(r for r in by_name(SCENARIO).resources(now) if r["resourceType"] == "Patient")
+    return [patient["name"][0]["family"], *patient["name"][0]["given"], patient["birthDate"]]
+
+
+@pytest.fixture
+def now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+@pytest.fixture
+def fhir(local_http):
+    """A FHIR server for the one key the request leaves out (so the FHIR token is really used)."""
+    return local_http(lambda request, server: (200, {"resourceType": "Bundle", "type": "searchset", "total": 0}))
+
+
+def make_service(serve_app, tmp_path, fhir, auth: bool):
+    jwk = {**ECAlgorithm.to_jwk(KEY.public_key(), as_dict=True), "kid": "k1", "alg": "ES384"}
+    settings = {"feedback_db": str(tmp_path / "feedback.sqlite3"), "auth_enabled": auth}
+    if auth:
+        settings["trusted_issuers"] = {ISS: {"jwks": {"keys": [jwk]}, "fhir_servers": [fhir.base_url]}}
+    return serve_app(create_app(Settings(**settings)))
+
+
+def request_with_a_fetch(now: datetime, fhir) -> dict:
+    body = hook_request(by_name(SCENARIO), now)
+    del body["prefetch"]["oxygen"]
+    body["fhirServer"] = fhir.base_url
+    body["fhirAuthorization"] = {"access_token": FHIR_TOKEN, "token_type": "Bearer", "expires_in": 300,
+                                 "scope": "patient/*.read", "subject": "cds-service"}
+    return body
+
+
+@pytest.mark.parametrize("auth", [True, False], ids=["auth-on", "auth-off"])
+def test_the_call_line_has_the_caller_the_call_and_its_result_and_no_secret(serve_app, tmp_path, fhir, now,
+                                                                             caplog, auth):
+    service = make_service(serve_app, tmp_path, fhir, auth)
+    body = request_with_a_fetch(now, fhir)
+    token = signed(service.base + SERVICE)
+    with caplog.at_level(logging.DEBUG):
+        answer = service.post(SERVICE, body, headers={"Authorization": f"Bearer {token}"} if auth else {})
+    assert answer.status_code == 200, answer.text
+    assert fhir.requests and fhir.requests[0].headers["authorization"] == f"Bearer {FHIR_TOKEN}"
+    [line] = hook_call_lines(caplog)
+    assert line["iss"] == (ISS if auth else None)
+    assert line["service"] == "crs-icans-assessment" and line["hookInstance"] == body["hookInstance"]
+    assert line["outcome"] == "ok" and isinstance(line["ms"], (int, float)) and line["ms"] > 0
+    cards = answer.json()["cards"]
+    assert line["cards"] == [c["source"]["topic"]["code"] for c in cards] and line["cards"]
+    assert line["grades"] == {"crs": 3, "icans": 1}
+    assert line["sources"]["oxygen"] == "fetched"
+    for secret in (token, token.split(".")[2], FHIR_TOKEN, *patient_strings(now)):
+        assert secret not in caplog.text
+
+
+def test_a_refused_call_line_names_the_status_and_the_reason_without_the_values(serve_app, tmp_path, fhir, now,
+                                                                                caplog):
+    service = make_service(serve_app, tmp_path, fhir, auth=False)
+    body = hook_request(by_name(SCENARIO), now)
+    body["fhirAuthorization"] = f"Bearer {FHIR_TOKEN}"  # a string, not the object CDS Hooks defines
+    body["fhirServer"] = fhir.base_url
+    with caplog.at_level(logging.INFO):
+        answer = service.post(SERVICE, body)
+    assert answer.status_code == 400
+    assert "fhirAuthorization: must be of type object" in answer.json()["issue"][0]["diagnostics"]
+    assert FHIR_TOKEN not in answer.text
+    [line] = hook_call_lines(caplog)
+    assert line["outcome"] == "400" and line["iss"] is None and "fhirAuthorization" in line["reason"]
+    assert FHIR_TOKEN not in caplog.text
+
+    caplog.clear()
+    body = hook_request(by_name(SCENARIO), now)
+    body["prefetch"]["patient"] = "a Patient as a string: " + " ".join(patient_strings(now))
+    with caplog.at_level(logging.INFO):
+        answer = service.post(SERVICE, body)
+    assert answer.status_code == 400
+    [line] = hook_call_lines(caplog)
+    assert line["outcome"] == "400" and line["reason"].startswith("request.prefetch.patient: must be of type")
+    for text in patient_strings(now):
+        assert text not in caplog.text and text not in answer.text
+
+
+def test_a_412_call_line(serve_app, tmp_path, fhir, now, caplog):
+    service = make_service(serve_app, tmp_path, fhir, auth=False)
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
+            "context": {"patientId": "p", "userId": "Practitioner/1"}}
+    with caplog.at_level(logging.INFO):
+        assert service.post(SERVICE, body).status_code == 412
+    [line] = hook_call_lines(caplog)
+    assert line["outcome"] == "412" and "medications" in line["reason"] and line["cards"] == []
+    assert line["grades"] is None and line["iss"] is None
