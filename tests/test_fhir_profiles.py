@@ -73,7 +73,7 @@ EXPECTED_IEC_TOXICITY_CODES = {
     "crs-grade", "icans-grade",
 }
 
-# Codes marked "verified" in /work/shared/clinical/reference.md section 4 (4a LOINC, 4b SNOMED CT,
+# Codes marked "verified" in the clinical reference (reference.md) section 4 (4a LOINC, 4b SNOMED CT,
 # 4c RxNorm). A code outside this list must not appear in a ValueSet until it is verified there.
 VERIFIED_CODES = {
     LOINC: {

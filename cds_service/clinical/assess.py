@@ -15,7 +15,7 @@ from .scope import Situation, age_on, find_episode, observation_horizon
 
 
 def _not_graded(syndrome: str, reason: str) -> Grade:
-    return Grade(syndrome, None, reason, "decisions.md 1 (scope)")
+    return Grade(syndrome, None, reason, "crs-cds protocol: scope")
 
 
 def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | None = None,

@@ -150,7 +150,7 @@ def tocilizumab_order(order: DraftOrder, assessment: Assessment, protocol: Proto
         problems.append(f"dose limit: {history.blocked}")
     if concurrent:
         problems.append(f"{assessment.icans.text} with {assessment.crs.text}: corticosteroids first, "
-                        "tocilizumab may worsen neurotoxicity (decisions.md rule 1)")
+                        "tocilizumab may worsen neurotoxicity (crs-cds protocol rule 1)")
     if not problems:
         return []
     detail = [p[0].upper() + p[1:] + "." for p in problems]
@@ -162,7 +162,7 @@ def tocilizumab_order(order: DraftOrder, assessment: Assessment, protocol: Proto
     if computed and order.dose_mg != computed and not concurrent and not history.blocked:
         replacement = MedicationOrder("tocilizumab", computed, "IV", None, f"tocilizumab {computed:g} mg {rules['route']}")
     return [Recommendation("tocilizumab-order-check", "warning", "Tocilizumab order: " + problems[0],
-                           detail, rules["source"] + "; decisions.md rule 9", replacement,
+                           detail, rules["source"] + "; crs-cds protocol rule 9", replacement,
                            target=order.reference, replace_target=replacement is not None)]
 
 

@@ -222,7 +222,7 @@ def concurrent_icans(s: Situation, plan: Plan) -> list[Recommendation]:
                            [f"Give corticosteroids ({regimen['text']}) rather than tocilizumab: "
                             "tocilizumab may worsen neurotoxicity [seed 000].",
                             "ASCO and NCCN allow tocilizumab with caution when CRS is also present."],
-                           "seed 000; decisions.md rule 1")]
+                           "seed 000; crs-cds protocol rule 1")]
 
 
 def fever_masked(s: Situation, crs: Grade) -> list[Recommendation]:
@@ -233,7 +233,7 @@ def fever_masked(s: Situation, crs: Grade) -> list[Recommendation]:
     if flag is None:
         return []
     return [Recommendation("fever-masked", "info", "Fever masked by treatment: grade from hypotension/hypoxia",
-                           [flag.text], "ASTCT 2019; decisions.md rule 2", evidence=list(flag.evidence))]
+                           [flag.text], "ASTCT 2019; crs-cds protocol rule 2", evidence=list(flag.evidence))]
 
 
 def possible_masked_crs(s: Situation, crs: Grade) -> list[Recommendation]:
@@ -243,7 +243,7 @@ def possible_masked_crs(s: Situation, crs: Grade) -> list[Recommendation]:
     if flag is None:
         return []
     return [Recommendation("possible-masked-crs", "warning", "Possible CRS masked by prophylaxis or another "
-                           "cause: evaluate", [flag.text], "decisions.md 3 (prophylaxis is not a waiver)",
+                           "cause: evaluate", [flag.text], "crs-cds protocol: prophylaxis is not a waiver",
                            evidence=list(flag.evidence))]
 
 
@@ -274,7 +274,7 @@ def antifungal_prophylaxis(s: Situation, plan: Plan) -> list[Recommendation]:
     last = given[-1]
     return [Recommendation("antifungal-prophylaxis", "info", "On corticosteroids: start antifungal prophylaxis",
                            [f"{last.agent} given {last.start:%Y-%m-%d %H:%M} UTC after the IEC therapy."],
-                           "seeds 000-003; decisions.md rule 5", evidence=[last.evidence()])]
+                           "seeds 000-003; crs-cds protocol rule 5", evidence=[last.evidence()])]
 
 
 def infection_workup(s: Situation, plan: Plan) -> list[Recommendation]:
@@ -286,7 +286,7 @@ def infection_workup(s: Situation, plan: Plan) -> list[Recommendation]:
     return [Recommendation("infection-workup", "info", "Rule out infection; do not delay CRS treatment",
                            ["Blood and urine cultures, chest X-ray; empiric antibiotics if neutropenic.",
                             "Do not wait for results before treating CRS [seed 001]."],
-                           "seeds 000-002; decisions.md rule 6")]
+                           "seeds 000-002; crs-cds protocol rule 6")]
 
 
 def hlh_mas(s: Situation, plan: Plan) -> list[Recommendation]:
@@ -302,7 +302,7 @@ def hlh_mas(s: Situation, plan: Plan) -> list[Recommendation]:
                            [f"Ferritin above {limit:,} ng/mL ({peak.value:g} at {peak.end:%Y-%m-%d %H:%M} UTC).",
                             "Check for grade >= 3 liver, kidney or lung toxicity and hemophagocytosis.",
                             "If HLH/MAS: tocilizumab and corticosteroids together from the outset."],
-                           "seed 000; decisions.md rule 7", evidence=[peak.evidence()])]
+                           "seed 000; crs-cds protocol rule 7", evidence=[peak.evidence()])]
 
 
 def recommend(s: Situation, crs: Grade, icans: Grade) -> list[Recommendation]:
