@@ -20,9 +20,9 @@ from ..terminology import IEC_TOXICITY, LOINC, SNOMED, Terminology, codeable_cod
 from .fhir_read import (
     UnreadableValue,
     effective_interval,
+    medication_concept,
     parse_date,
     quantity_in,
-    reference_key,
     resource_key,
 )
 from .model import DrugEvent, Facts, Reading, Unreadable
@@ -332,23 +332,8 @@ class FactExtractor:
         raise UnreadableValue(f"oxygen device not recognised: {names or codeable_codes(codeable)}")
 
     # ---- MedicationAdministrations -----------------------------------------------------------
-    def _medication_concept(self, admin: Mapping) -> tuple[Mapping | None, list[str]]:
-        if isinstance(admin.get("medicationCodeableConcept"), dict):
-            return admin["medicationCodeableConcept"], []
-        ref = admin.get("medicationReference")
-        if not isinstance(ref, dict):
-            return None, []
-        texts = [ref["display"]] if isinstance(ref.get("display"), str) else []
-        target = ref.get("reference") or ""
-        if target.startswith("#"):
-            medication = next((c for c in admin.get("contained") or []
-                               if isinstance(c, dict) and c.get("id") == target[1:]), None)
-        else:
-            medication = self.medications.get(reference_key(target)) if target else None
-        return (medication.get("code") if medication else None), texts
-
     def _administration(self, admin: Mapping) -> None:
-        codeable, texts = self._medication_concept(admin)
+        codeable, texts = medication_concept(admin, self.medications)
         categories = self.terms.categories(MEDICATION_VALUESETS, codeable, texts)
         if not categories:
             if codeable is None and not texts:

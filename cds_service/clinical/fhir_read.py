@@ -100,3 +100,23 @@ def reference_key(reference: str) -> str:
 
 def resource_key(resource: Mapping) -> str:
     return f"{resource.get('resourceType', '?')}/{resource.get('id', '?')}"
+
+
+def medication_concept(resource: Mapping, medications: Mapping[str, Mapping]) -> tuple[Mapping | None, list[str]]:
+    """The drug of a MedicationAdministration or MedicationRequest: its medicationCodeableConcept,
+    or the code of the Medication it references (contained, or among ``medications`` by Type/id),
+    plus the reference's display text. Read leniently (a lone object where R4 wants a list)."""
+    if isinstance(resource.get("medicationCodeableConcept"), dict):
+        return resource["medicationCodeableConcept"], []
+    ref = resource.get("medicationReference")
+    if not isinstance(ref, dict):
+        return None, []
+    texts = [ref["display"]] if isinstance(ref.get("display"), str) else []
+    target = ref.get("reference") if isinstance(ref.get("reference"), str) else ""
+    contained = resource.get("contained")
+    contained = contained if isinstance(contained, list) else [contained]
+    if target.startswith("#"):
+        medication = next((c for c in contained if isinstance(c, dict) and c.get("id") == target[1:]), None)
+    else:
+        medication = medications.get(reference_key(target)) if target else None
+    return (medication.get("code") if isinstance(medication, dict) else None), texts

@@ -14,7 +14,7 @@ from ..terminology import Terminology, load_terminology
 from .assess import assess
 from .dosing import tocilizumab_dose, tocilizumab_history
 from .facts import MEDICATION_VALUESETS
-from .fhir_read import UnreadableValue, quantity_in, reference_key, resource_key
+from .fhir_read import UnreadableValue, medication_concept, quantity_in, resource_key
 from .model import Assessment, MedicationOrder, Recommendation
 from .protocol import Protocol, default_protocol
 
@@ -57,18 +57,7 @@ def read_draft_orders(resources: Iterable[Mapping], terminology: Terminology) ->
     for order in resources:
         if order.get("resourceType") not in ORDER_TYPES:
             continue
-        codeable = order.get("medicationCodeableConcept")
-        texts: list[str] = []
-        ref = order.get("medicationReference")
-        if codeable is None and isinstance(ref, dict):
-            texts = [ref["display"]] if isinstance(ref.get("display"), str) else []
-            target = ref.get("reference") or ""
-            if target.startswith("#"):
-                medication = next((c for c in _as_list(order.get("contained"))
-                                   if isinstance(c, dict) and c.get("id") == target[1:]), None)
-            else:
-                medication = medications.get(reference_key(target))
-            codeable = medication.get("code") if medication else None
+        codeable, texts = medication_concept(order, medications)
         matches = terminology.categories(MEDICATION_VALUESETS, codeable, texts)
         orders.append(DraftOrder(resource_key(order), next(iter(matches.values()), None), frozenset(matches),
                                  _dose_mg(order), order))

@@ -97,8 +97,10 @@ def crs_management(s: Situation, plan: Plan) -> list[Recommendation]:
     entry = s.protocol["crs_management"][str(plan.crs)]
     detail = list(entry["steps"])
     if plan.crs == 1:
-        detail.append("Tocilizumab only if fever > 3 days, T >= 39 °C for > 10 h despite acetaminophen, "
-                      "or significant comorbidity")
+        triggers = s.protocol["crs_grade_1_tocilizumab_triggers"]
+        detail.append(f"Tocilizumab only if fever > {triggers['fever_days_over']} days, T >= "
+                      f"{triggers['high_fever_celsius']:g} °C for > {triggers['high_fever_hours_over']} h despite "
+                      "acetaminophen, or significant comorbidity")
     if plan.crs == 2 and entry.get("steroid_when") == "hypotension_after_tocilizumab":
         regimen = s.protocol["steroid_regimens"][entry["steroid"]]
         detail.append(f"If hypotension persists after 1-2 tocilizumab doses: {regimen['text']}")

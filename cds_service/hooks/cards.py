@@ -203,7 +203,7 @@ def finding_cards(recs: Iterable[Recommendation], assessment: Assessment, termin
     cards = []
     for rec in recs:
         template = template_for_topic(rec.topic)
-        detail = _recommendation_markdown(rec)[1:] + [f"", f"_Source: {rec.source}. {assessment.protocol}._"]
+        detail = _recommendation_markdown(rec)[1:] + ["", f"_Source: {rec.source}. {assessment.protocol}._"]
         cards.append(_card(template, rec.title, rec.indicator, "\n".join(detail),
                            _order_suggestions([rec], assessment, terminology)))
     return cards

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Callable
 
 from ..clinical import assess
+from ..clinical.facts import ICANS_CODES
 from ..clinical.model import Assessment, Unreadable
 from ..clinical.orders import review_orders
 from ..clinical.protocol import Protocol
@@ -28,7 +29,6 @@ OBSERVATION_KEYS = {
     "assessments": ("body-weight", "ferritin", "c-reactive-protein"),
 }
 PAGE_SIZES = {"temperatures": 1000, "bloodPressures": 200, "oxygen": 300, "assessments": 200}
-ICANS_CODES = ("ice-score", "capd-score", "consciousness", "seizure", "motor-weakness", "cerebral-edema")
 
 
 @dataclass
