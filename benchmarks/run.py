@@ -381,7 +381,7 @@ def service_env(workdir: Path, fhir_base_url: str) -> dict[str, str]:
 
 
 def start_service(plan: Plan, workdir: Path, fhir_base_url: str, name: str = "service") -> Gunicorn:
-    server = Gunicorn(name, "cds_service.app:create_app()", plan.source, plan, workdir,
+    server = Gunicorn(name, "cds_service.wsgi:app", plan.source, plan, workdir,
                       service_env(workdir, fhir_base_url))
     return server
 

@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 from .clinical.protocol import Protocol
 from .feedback import FeedbackStore
 from .fhir.client import FhirClient
-from .hooks.api import blueprint, discovery_document, prefetch_templates
+from .hooks.api import blueprint, discovery_document, prefetch_templates, warm_up_schema_checks
 from .hooks.auth import Authenticator
 from .hooks.openapi import openapi_blueprint
 from .settings import Settings
@@ -42,10 +42,11 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     state = ServiceState(settings, Protocol.load(settings.protocol_file), terminology, templates,
                          discovery_document(templates), FhirClient(settings), FeedbackStore(settings.feedback_db),
                          auth)
-    # Import fhir.resources now, not on the first chart open.
+    # Import fhir.resources and compile the request schemas now, not on the first chart open.
     from .clinical.facts import validation_error
 
     validation_error({"resourceType": "Patient", "id": "warm-up"})
+    warm_up_schema_checks()
 
     app = Flask(__name__)
     app.config["CRS_CDS"] = state

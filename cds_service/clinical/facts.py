@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Callable, Iterable, Mapping, Protocol as Interface
@@ -94,44 +94,53 @@ class Horizon(Interface):
     def admits(self, kind: str, start: datetime, end: datetime) -> bool: ...
 
 
-class _ValidationMemo:
-    """Validation results by resource content. Validating costs ~0.5 ms a resource and the same
-    chart comes back on every chart open; hashing its JSON costs ~20 us. A pure function's memo:
-    the same content always gets the same answer. Bounded, least recently used out first."""
+class _VersionMemo:
+    """A pure function's results by resource version, for the same chart comes back on every chart
+    open. A FHIR version is immutable: type, id, versionId and lastUpdated name its content.
+    ``by_content``: a resource without them is keyed by a hash of its JSON (~20 us, worth it only
+    when the function costs more). Bounded: past ``size`` entries the older half is dropped."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, by_content: bool):
         self.size = size
-        self.results: OrderedDict[object, str | None] = OrderedDict()
+        self.by_content = by_content
+        self.results: dict[object, object] = {}
         self.lock = threading.Lock()
 
-    @staticmethod
-    def key(resource: Mapping):
-        """A FHIR version is immutable: type, id, versionId and lastUpdated name its content.
-        Without them, a hash of the content."""
+    def key(self, resource: Mapping):
         meta = resource.get("meta")
         if isinstance(meta, dict) and meta.get("versionId") and meta.get("lastUpdated") and resource.get("id"):
-            return (resource.get("resourceType"), resource["id"], meta["versionId"], meta["lastUpdated"])
-        return hashlib.blake2b(json.dumps(resource, separators=(",", ":")).encode(), digest_size=16).digest()
+            key = (resource.get("resourceType"), resource["id"], meta["versionId"], meta["lastUpdated"])
+        elif self.by_content:
+            return hashlib.blake2b(json.dumps(resource, separators=(",", ":")).encode(), digest_size=16).digest()
+        else:
+            return None
+        try:
+            hash(key)  # a version tuple of malformed values (a dict as the id) is no key
+        except TypeError:
+            return None
+        return key
 
-    def __call__(self, resource: Mapping, validate) -> str | None:
+    def __call__(self, resource: Mapping, compute: Callable):
         try:
             key = self.key(resource)
-            hash(key)  # a version tuple of malformed values (a dict as the id) is no key
-        except (TypeError, ValueError, RecursionError):
-            return validate(resource)
-        with self.lock:
-            if key in self.results:
-                self.results.move_to_end(key)
-                return self.results[key]
-        result = validate(resource)
-        with self.lock:
-            self.results[key] = result
-            if len(self.results) > self.size:
-                self.results.popitem(last=False)
+        except (TypeError, ValueError, RecursionError):  # content that json.dumps cannot hash
+            key = None
+        if key is None:
+            return compute(resource)
+        found = self.results.get(key, _MISSING)
+        if found is not _MISSING:
+            return found
+        result = compute(resource)
+        self.results[key] = result
+        if len(self.results) > self.size:
+            with self.lock:
+                for old in list(self.results)[:len(self.results) - self.size // 2]:
+                    self.results.pop(old, None)
         return result
 
 
-_memo = _ValidationMemo(size=50_000)
+_MISSING = object()
+_validation_memo = _VersionMemo(size=50_000, by_content=True)
 
 
 def _validate(resource: Mapping) -> str | None:
@@ -151,7 +160,26 @@ def _validate(resource: Mapping) -> str | None:
 
 def validation_error(resource: Mapping) -> str | None:
     """None if the resource is valid FHIR (R4B model), else a one-line reason."""
-    return _memo(resource, _validate)
+    return _validation_memo(resource, _validate)
+
+
+@lru_cache(maxsize=8)
+def _readout_memo(terminology: Terminology) -> _VersionMemo:
+    """Observation readouts by version, per terminology (a site's ValueSets change what is read)."""
+    return _VersionMemo(size=50_000, by_content=False)
+
+
+@dataclass(frozen=True)
+class ObservationReadout:
+    """What one Observation says, whenever it is read: its kinds, its effective time, and its
+    readings or why it cannot be read. Whether it counts (the horizon, ``now``) is decided per call."""
+
+    horizon_kinds: tuple[str, ...]
+    parsed: tuple[datetime, datetime | None] | None  # the effective time; None when it cannot be read
+    ignored: bool = False                            # its status says it never counts
+    problem: str | None = None                       # the whole resource cannot be read
+    readings: tuple[Reading, ...] = ()
+    unreadable: tuple[Unreadable, ...] = ()
 
 
 @lru_cache(maxsize=8)
@@ -202,9 +230,9 @@ class FactExtractor:
         start, end = timing
         return any(self.horizon.admits(kind, start, end or start) for kind in kinds)
 
-    def _readable_timing(self, resource: Mapping, ignored: set[str], allowed: set[str], parsed=None):
+    def _readable_timing(self, resource: Mapping, ignored: set[str], allowed: set[str]):
         """(start, end) of a relevant resource that counts; None when its status says to ignore it
-        or it cannot be read (then it is reported). ``parsed``: the interval, when already read."""
+        or it cannot be read (then it is reported)."""
         status = resource.get("status")
         if isinstance(status, str) and status in ignored:  # any other status is reported below
             return None
@@ -212,8 +240,6 @@ class FactExtractor:
         if problem:
             self._unreadable(resource, problem)
             return None
-        if parsed is not None:
-            return parsed
         try:
             return effective_interval(resource)
         except UnreadableValue as exc:
@@ -221,7 +247,11 @@ class FactExtractor:
             return None
 
     def _unreadable(self, resource: Mapping, reason: str) -> None:
-        self.facts.unreadable.append(Unreadable(resource_key(resource), reason, resource.get("resourceType", "?")))
+        self.facts.unreadable.append(self._unreadable_entry(resource, reason))
+
+    @staticmethod
+    def _unreadable_entry(resource: Mapping, reason: str) -> Unreadable:
+        return Unreadable(resource_key(resource), reason, resource.get("resourceType", "?"))
 
     # ---- Patient -----------------------------------------------------------------------------
     def _patient(self, patient: Mapping) -> None:
@@ -246,47 +276,59 @@ class FactExtractor:
         return None
 
     def _observation(self, obs: Mapping) -> None:
+        readout = _readout_memo(self.terms)(obs, self._read_observation)
+        if readout is None or not self._worth_reading(readout.parsed, readout.horizon_kinds) or readout.ignored:
+            return
+        if readout.problem:
+            self._unreadable(obs, readout.problem)
+            return
+        if readout.parsed[0] > self.now:
+            return  # documented in the future relative to the assessment: not yet a fact
+        self.facts.readings.extend(readout.readings)
+        self.facts.unreadable.extend(readout.unreadable)
+
+    def _read_observation(self, obs: Mapping) -> ObservationReadout | None:
+        """The readout of an Observation; None when it is none of the kinds the rules read."""
         kind = self._observation_kind(obs.get("code"))
         components = [c for c in obs.get("component") or [] if isinstance(c, dict)]
         component_kinds = [(self._component_kind(c.get("code")), c) for c in components]
         component_kinds = [(k, c) for k, c in component_kinds if k]
         if kind is None and not component_kinds:
-            return
+            return None
         kinds = ([kind] if kind and kind != "bp_panel" else []) + [k for k, _ in component_kinds]
+        horizon_kinds = tuple(kinds or [kind])
+        parsed, time_problem = None, None
         try:
             parsed = effective_interval(obs)
-        except UnreadableValue:
-            parsed = None  # reported below
-        if not self._worth_reading(parsed, kinds or [kind]):
-            return
-        timing = self._readable_timing(obs, IGNORED_OBSERVATION_STATUSES, OBSERVATION_STATUSES, parsed)
-        if timing is None:
-            return
-        start, end = timing
+        except UnreadableValue as exc:
+            time_problem = str(exc)
+        status = obs.get("status")
+        if isinstance(status, str) and status in IGNORED_OBSERVATION_STATUSES:
+            return ObservationReadout(horizon_kinds, parsed, ignored=True)
+        problem = validation_error(obs) or _status_problem(obs, OBSERVATION_STATUSES)
+        if problem or parsed is None:
+            return ObservationReadout(horizon_kinds, parsed, problem=problem or time_problem)
+        start, end = parsed
         end = end or start
-        if start > self.now:
-            return  # documented in the future relative to the assessment: not yet a fact
+        readings, unreadable = [], []
         if kind == "bp_panel" and not any(k == "sbp" for k, _ in component_kinds):
-            self._unreadable(obs, "blood pressure panel without a systolic component")
+            unreadable.append(self._unreadable_entry(obs, "blood pressure panel without a systolic component"))
         elif kind and kind != "bp_panel":
-            self._reading(obs, kind, obs, start, end)
-        for component_kind, component in component_kinds:
-            self._reading(obs, component_kind, component, start, end)
+            component_kinds.insert(0, (kind, obs))
+        for reading_kind, holder in component_kinds:
+            if holder.get("dataAbsentReason") is not None:
+                continue  # the EHR says why there is no value: nothing was measured
+            try:
+                value, label, flow_decides = self._value(reading_kind, holder)
+            except UnreadableValue as exc:
+                unreadable.append(self._unreadable_entry(obs, f"{reading_kind.replace('_', ' ')}: {exc}"))
+                continue
+            readings.append(Reading(reading_kind, value, start, end, resource_key(obs), label, flow_decides))
+        return ObservationReadout(horizon_kinds, parsed, readings=tuple(readings), unreadable=tuple(unreadable))
 
     def _component_kind(self, code: Mapping | None) -> str | None:
         kinds = {self.code_index.get(c) for c in codeable_codes(code)} & COMPONENT_KINDS
         return min(kinds, key=KIND_PRIORITY.__getitem__) if kinds else None
-
-    def _reading(self, obs: Mapping, kind: str, holder: Mapping, start: datetime, end: datetime) -> None:
-        if holder.get("dataAbsentReason") is not None:
-            return  # the EHR says why there is no value: nothing was measured
-        reference = resource_key(obs)
-        try:
-            value, label, flow_decides = self._value(kind, holder)
-        except UnreadableValue as exc:
-            self._unreadable(obs, f"{kind.replace('_', ' ')}: {exc}")
-            return
-        self.facts.readings.append(Reading(kind, value, start, end, reference, label, flow_decides))
 
     def _value(self, kind: str, holder: Mapping) -> tuple[object, str, bool]:
         if kind in QUANTITY_UNITS:

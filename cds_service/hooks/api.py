@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 
 import jsonschema
+import jsonschema_rs
 from flask import Blueprint, Response, current_app, g, request
 
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
@@ -32,10 +33,26 @@ def schema_validator(name: str) -> jsonschema.protocols.Validator:
     return validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
 
 
-def _first_error(validator, instance, where: str) -> str | None:
-    if validator.is_valid(instance):  # the common case, and the cheap one
+class SchemaCheck:
+    """One schema, compiled twice: jsonschema-rs says whether a body is valid in about 1 us (jsonschema
+    takes 160 us for a small request, a fifth of the whole call); jsonschema, when it is not, finds
+    the first violation to explain."""
+
+    def __init__(self, explainer: jsonschema.protocols.Validator):
+        self.explainer = explainer
+        self.is_valid = jsonschema_rs.validator_for(explainer.schema).is_valid
+
+
+@lru_cache(maxsize=None)
+def schema_check(name: str) -> SchemaCheck:
+    return SchemaCheck(schema_validator(name))
+
+
+def _first_error(check: SchemaCheck, instance, where: str) -> str | None:
+    if check.is_valid(instance):  # the common case, and the cheap one
         return None
-    error = next(iter(sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))), None)
+    errors = check.explainer.iter_errors(instance)
+    error = next(iter(sorted(errors, key=lambda e: list(e.absolute_path))), None)
     if error is None:
         return None
     path = ".".join(_short(str(p), 80) for p in error.absolute_path)
@@ -133,22 +150,22 @@ def discovery():
 
 
 def validate_hook_request(body: dict, hook: str) -> None:
-    problem = _first_error(schema_validator("request"), body, "request")
+    problem = _first_error(schema_check("request"), body, "request")
     if problem:
         raise BadRequest(problem)
     if body["hook"] != hook:
         raise BadRequest(f"service expects hook {hook!r}, request has {_short(body['hook'], 60)!r}",
                          expression="hook")
-    problem = _first_error(context_validator(hook), body["context"], "context")
+    problem = _first_error(context_check(hook), body["context"], "context")
     if problem:
         raise BadRequest(problem)
 
 
 @lru_cache(maxsize=None)
-def context_validator(hook: str) -> jsonschema.protocols.Validator:
+def context_check(hook: str) -> SchemaCheck:
     """The request schema's definition of one hook's context, compiled once."""
     defs = schema_validator("request").schema["$defs"]
-    return jsonschema.Draft202012Validator({**defs[hook], "$defs": defs})
+    return SchemaCheck(jsonschema.Draft202012Validator({**defs[hook], "$defs": defs}))
 
 
 @blueprint.post("/cds-services/<service_id>")
@@ -199,7 +216,7 @@ def feedback(service_id: str):
     if service_id not in SERVICES_BY_ID:
         raise NotFound(f"no CDS service {service_id!r}")
     body = _read_json()
-    problem = _first_error(schema_validator("feedback"), body, "feedback")
+    problem = _first_error(schema_check("feedback"), body, "feedback")
     if problem:
         raise BadRequest(problem)
     stored, duplicates = state.feedback.record_feedback(service_id, body["feedback"])
@@ -207,8 +224,14 @@ def feedback(service_id: str):
     return json_response({"stored": stored, "duplicates": duplicates})
 
 
+def warm_up_schema_checks() -> None:
+    schema_check("request"), schema_check("feedback")
+    for hook in {service.hook for service in SERVICES}:
+        context_check(hook)
+
+
 def discovery_document(templates: dict[str, str]) -> list[dict]:
     return [service.discovery(templates) for service in SERVICES]
 
 
-__all__ = ["blueprint", "discovery_document", "prefetch_templates", "validate_hook_request"]
+__all__ = ["blueprint", "discovery_document", "prefetch_templates", "validate_hook_request", "warm_up_schema_checks"]

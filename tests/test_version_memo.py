@@ -1,0 +1,95 @@
+"""What is remembered between calls is keyed by resource version, and never changes an answer."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+from cds_service.clinical import assess
+from cds_service.clinical.facts import extract_facts
+from cds_service.clinical.protocol import default_protocol
+from cds_service.scenarios import YESCARTA, Chart
+from cds_service.terminology import Terminology
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+
+
+def _stored(resource: dict, version: str) -> dict:
+    return {**resource, "meta": {"versionId": version, "lastUpdated": "2026-11-21T11:00:00Z"}}
+
+
+def _temperatures(resources: list[dict]) -> list[float]:
+    facts = extract_facts(resources, NOW, Terminology.load(), default_protocol())
+    return [r.value for r in facts.readings if r.kind == "temperature"]
+
+
+def _chart(temp_c: float) -> tuple[list[dict], dict]:
+    chart = Chart("memo", NOW, "Test", "Pat", "female", 50)
+    chart.iec(YESCARTA, days_ago=2)
+    chart.temp(temp_c, hours_ago=1)
+    resources = chart.resources
+    observation = next(r for r in resources if r["resourceType"] == "Observation")
+    return resources, observation
+
+
+def test_a_new_version_of_an_observation_is_read_again():
+    resources, observation = _chart(38.2)
+    first = _stored(observation, "1")
+    assert _temperatures([first]) == [38.2]
+    assert _temperatures([first]) == [38.2]  # remembered: the same answer
+    amended = _stored(copy.deepcopy(observation), "2")
+    amended["valueQuantity"]["value"] = 40.1
+    assert _temperatures([amended]) == [40.1]
+
+
+def test_an_observation_without_a_version_is_read_every_time():
+    """No versionId/lastUpdated: nothing names its content, so nothing is remembered for it."""
+    resources, observation = _chart(38.2)
+    assert _temperatures([observation]) == [38.2]
+    observation["valueQuantity"]["value"] = 39.6
+    assert _temperatures([observation]) == [39.6]
+
+
+def test_what_counts_is_decided_per_call_not_remembered():
+    """The same remembered Observation is a fact at one moment and not yet at an earlier one."""
+    resources, observation = _chart(39.0)
+    stored = [_stored(r, "1") if r is observation else r for r in resources]
+    later = assess(stored, NOW)
+    earlier = assess(stored, NOW.replace(hour=10))  # before the temperature was taken
+    assert later.crs.value == 1
+    assert earlier.crs.value == 0
+
+
+def test_each_terminology_reads_for_itself(tmp_path):
+    """A site's codes change what an Observation is: one terminology's readout is not another's."""
+    local = {"resourceType": "ValueSet", "id": "body-temperature",
+             "url": "http://crs-cds.org/fhir/ValueSet/body-temperature", "status": "active",
+             "compose": {"include": [{"system": "http://hospital.example.org/flowsheet",
+                                      "concept": [{"code": "TEMP-CORE", "display": "core temperature"}]}]}}
+    (tmp_path / "ValueSet-body-temperature.json").write_text(json.dumps(local))
+    site = Terminology.load([tmp_path])
+    resources, observation = _chart(39.4)
+    coded = _stored(observation, "1")
+    coded["code"] = {"coding": [{"system": "http://hospital.example.org/flowsheet", "code": "TEMP-CORE"}]}
+    shipped_reading = extract_facts([coded], NOW, Terminology.load(), default_protocol()).readings
+    site_reading = extract_facts([coded], NOW, site, default_protocol()).readings
+    assert shipped_reading == []
+    assert [r.value for r in site_reading] == [39.4]
+
+
+def test_the_production_entry_point_serves_and_freezes_start_up_objects(tmp_path):
+    """``gunicorn 'cds_service.wsgi:app'``: the module builds the app from the environment and
+    moves what start-up built out of the garbage collector's reach."""
+    script = ("import gc, json; from cds_service.wsgi import app; "
+              "r = app.test_client().get('/cds-services'); "
+              "print(json.dumps([r.status_code, len(r.get_json()['services']), gc.get_freeze_count()]))")
+    env = dict(os.environ, CRS_CDS_AUTH_ENABLED="false", CRS_CDS_FEEDBACK_DB=str(tmp_path / "feedback.sqlite"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    status, services, frozen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert status == 200 and services == 3
+    assert frozen > 10_000
