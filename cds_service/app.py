@@ -34,6 +34,12 @@ class ServiceState:
     auth: Authenticator
 
 
+def configure_logging() -> None:
+    """INFO to stderr (one line per hook call, see hooks/api.py), unless the host configured logging."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     settings = config if isinstance(config, Settings) else Settings.load(**dict(config or {}))
     auth = Authenticator.from_settings(settings)  # first: a bad trust configuration stops start-up

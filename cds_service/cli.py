@@ -88,12 +88,10 @@ def _settings(path: str | None):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Development server. Production: gunicorn (see README, "Serving")."""
-    import logging
-
-    from .app import create_app
+    from .app import configure_logging, create_app
     from .settings import SettingsError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
     try:
         app = create_app(_settings(args.config))
     except SettingsError as exc:  # e.g. auth on and no trusted issuers

@@ -4,8 +4,9 @@ Settings come from ``CRS_CDS_CONFIG`` and ``CRS_CDS_*`` (``settings.py``).
 """
 import gc
 
-from .app import create_app
+from .app import configure_logging, create_app
 
+configure_logging()  # gunicorn sends a worker's stderr to its error log
 app = create_app()
 
 # Everything built so far lives as long as the process (FHIR models, terminology, schemas, Flask):

@@ -59,7 +59,8 @@ class Chart:
                              for key in ALL_KEYS}
 
     def key_of(self, path: str) -> str | None:
-        return self.keys_by_path.get(re.sub(r"&_page=\d+$", "", path))
+        # the service limits its own Observation searches with &date=ge<cutoff> (prefetch.only_since)
+        return self.keys_by_path.get(re.sub(r"(&date=ge[^&]*)?(&_page=\d+)?$", "", path))
 
     def call(self, fhir_base: str) -> dict:
         """The hook request: no prefetch at all, fhirServer the stand-in."""

@@ -309,3 +309,20 @@ def test_a_prefetched_page_reaching_past_the_cutoff_is_complete(client, fhir_ser
                               cutoffs={"temperatures": cutoff})
     assert result.failures == [] and result.sources["temperatures"] == "prefetch"
     assert [r["id"] for r in result.resources] == ["a", "b"]
+
+
+def test_the_services_own_search_asks_only_for_what_the_rules_read(client, fhir_server, pid):
+    """Fetched by the service (not prefetched): the real server is asked for date >= the key's cutoff,
+    so it sends, and the service parses, only those; the Patient read is left as it is."""
+    from datetime import datetime, timezone
+
+    from cds_service.fhir.prefetch import only_since
+
+    cutoff = datetime(2024, 4, 3, 8, 0, tzinfo=timezone.utc)
+    result = resolve_prefetch(TEMPLATES, _request(pid, server=fhir_server.base_url), client, SETTINGS,
+                              cutoffs={"temperatures": cutoff})
+    assert result.failures == [] and result.sources["temperatures"] == "fetched"
+    assert sorted(r["id"] for r in result.resources if r["resourceType"] == "Observation") == [
+        f"{pid}-t3", f"{pid}-t4", f"{pid}-t5"]
+    assert only_since("Patient/123", cutoff) == "Patient/123"
+    assert only_since("Observation?patient=1", cutoff) == "Observation?patient=1&date=ge2024-04-03T08:00:00Z"

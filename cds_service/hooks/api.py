@@ -200,14 +200,19 @@ def call_service(service_id: str):
         notes["reason"] = error.message
         raise
     finally:
-        client = g.get("cds_client")  # the verified JWT's client; None when auth is off
-        log.info(json.dumps({
-            "event": "hook-call", "service": service_id, "hookInstance": notes.get("hookInstance"),
-            "iss": client.iss if client is not None else None,
-            "outcome": outcome, "ms": round((time.perf_counter() - started) * 1000, 1),
-            "cards": [c["source"]["topic"]["code"] for c in cards], "grades": notes.get("grades"),
-            "sources": notes.get("sources"), "lenient": notes.get("lenient"), "reason": notes.get("reason"),
-        }))
+        if log.isEnabledFor(logging.INFO):  # the line costs a JSON encoding: only when it is kept
+            _log_call(service_id, started, outcome, cards, notes)
+
+
+def _log_call(service_id: str, started: float, outcome: str, cards: list[dict], notes: dict) -> None:
+    client = g.get("cds_client")  # the verified JWT's client; None when auth is off
+    log.info(json.dumps({
+        "event": "hook-call", "service": service_id, "hookInstance": notes.get("hookInstance"),
+        "iss": client.iss if client is not None else None,
+        "outcome": outcome, "ms": round((time.perf_counter() - started) * 1000, 1),
+        "cards": [c["source"]["topic"]["code"] for c in cards], "grades": notes.get("grades"),
+        "sources": notes.get("sources"), "lenient": notes.get("lenient"), "reason": notes.get("reason"),
+    }))
 
 
 @blueprint.post("/cds-services/<service_id>/feedback")
