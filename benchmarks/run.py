@@ -49,7 +49,7 @@ TARGETS = {  # as printed; _verdict() applies them
 MEMORY_TARGET = 10.0  # % drift
 
 
-SEKMET_WORKERS = 2
+SEKMET_WORKERS = 6  # one per query a no-prefetch patient-view makes (see start_sekmet)
 
 
 class BenchmarkError(RuntimeError):
@@ -398,8 +398,10 @@ def start_sekmet(executable: Path, workdir: Path) -> tuple[Server, str]:
     config = folder / "sekmet.yaml"
     config.write_text(f"base_url: {base_url}\nhost: 127.0.0.1\nport: {port}\ndata_dir: {folder / 'data'}\n"
                       "simulator:\n  enabled: false\nlog_inbound: false\n", encoding="utf-8")
-    # Two worker processes, as a production FHIR server answers parallel queries in parallel:
-    # `sekmet serve` runs one, which answers the service's parallel fetches one at a time.
+    # Several worker processes, as a production FHIR server answers parallel queries in parallel:
+    # `sekmet serve` runs one, which answers the service's parallel fetches one at a time, and a
+    # worker's event loop accepts several waiting connections at once, so with two workers one of
+    # them often got three or four of the six queries to answer in turn.
     python = executable.parent / "python"
     command = [str(python), "-m", "uvicorn", "sekmet.main:app_factory", "--factory", "--host", "127.0.0.1",
                "--port", str(port), "--workers", str(SEKMET_WORKERS), "--log-level", "warning"]
@@ -668,17 +670,22 @@ def time_fhir_queries(base_url: str, context: dict, repeats: int) -> list[QueryT
     there was one."""
     import requests
 
+    from cds_service.clinical.protocol import default_protocol
     from cds_service.fhir.client import join_url, next_link
-    from cds_service.fhir.prefetch import render_template
-    from cds_service.hooks.registry import SERVICES_BY_ID, prefetch_templates
+    from cds_service.fhir.prefetch import only_since, render_template
+    from cds_service.hooks.registry import SERVICES_BY_ID, prefetch_cutoffs, prefetch_templates
     from cds_service.terminology import load_terminology
     from workloads import PATIENT_VIEW
 
     templates = prefetch_templates(load_terminology())
+    # The queries exactly as the service sends them: its own Observation searches stop at the
+    # cutoff of what the rules read (prefetch.only_since).
+    cutoffs = prefetch_cutoffs(default_protocol(), datetime.now(timezone.utc).replace(microsecond=0))
     timings: list[QueryTiming] = []
     with requests.Session() as session:
         for key in SERVICES_BY_ID[PATIENT_VIEW].prefetch_keys:
-            url = join_url(base_url, render_template(templates[key], context))
+            query = render_template(templates[key], context)
+            url = join_url(base_url, only_since(query, cutoffs[key]) if key in cutoffs else query)
             samples, body = [], {}
             for attempt in range(repeats + 1):  # the first GET warms sekmet up and is not counted
                 started = time.perf_counter()
