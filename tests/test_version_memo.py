@@ -93,3 +93,24 @@ def test_the_production_entry_point_serves_and_freezes_start_up_objects(tmp_path
     status, services, frozen = json.loads(done.stdout.strip().splitlines()[-1])
     assert status == 200 and services == 3
     assert frozen > 10_000
+
+
+def test_the_memo_is_bounded_and_forgets_the_oldest_first():
+    from cds_service.clinical.facts import _VersionMemo
+
+    memo, computed = _VersionMemo(size=10, by_content=False), []
+
+    def compute(resource):
+        computed.append(resource["id"])
+        return resource["id"].upper()
+
+    versions = [{"resourceType": "Observation", "id": f"o{n}", "meta": {"versionId": "1", "lastUpdated": "2026-11-21T00:00:00Z"}}
+                for n in range(25)]
+    assert [memo(v, compute) for v in versions] == [f"O{n}" for n in range(25)]
+    assert len(memo.results) <= 10
+    computed.clear()
+    assert memo(versions[-1], compute) == "O24" and computed == []     # the newest is still there
+    assert memo(versions[0], compute) == "O0" and computed == ["o0"]   # the oldest was dropped
+    unversioned = {"resourceType": "Observation", "id": "x"}
+    memo(unversioned, compute), memo(unversioned, compute)
+    assert computed.count("x") == 2                                    # nothing names it: never kept
