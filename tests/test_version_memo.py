@@ -114,3 +114,25 @@ def test_the_memo_is_bounded_and_forgets_the_oldest_first():
     unversioned = {"resourceType": "Observation", "id": "x"}
     memo(unversioned, compute), memo(unversioned, compute)
     assert computed.count("x") == 2                                    # nothing names it: never kept
+
+
+def test_an_observation_outside_every_window_is_not_validated(monkeypatch):
+    """FHIR validation is the costly part of reading (~0.2 ms): a long chart pays it only for the
+    Observations some rule's window admits, remembered or not."""
+    import uuid
+
+    from cds_service.clinical import facts
+
+    validated = []
+    real_validate = facts._validate
+    monkeypatch.setattr(facts, "_validate", lambda resource: validated.append(resource["id"]) or real_validate(resource))
+    chart = Chart(f"memo-{uuid.uuid4().hex[:8]}", NOW, "Test", "Pat", "female", 50)
+    chart.iec(YESCARTA, days_ago=5)
+    chart.bp(70, 40, hours_ago=20)      # older than the 12 h hypotension window
+    chart.bp(85, 50, hours_ago=1)
+    stored = [_stored(r, "1") if r["resourceType"] == "Observation" else r for r in chart.resources]
+    for _ in range(2):
+        assess(stored, NOW)
+    old, recent = [r["id"] for r in stored if r["resourceType"] == "Observation"]
+    assert old not in validated
+    assert validated.count(recent) == 1  # once, then remembered
