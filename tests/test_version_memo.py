@@ -136,3 +136,14 @@ def test_an_observation_outside_every_window_is_not_validated(monkeypatch):
     old, recent = [r["id"] for r in stored if r["resourceType"] == "Observation"]
     assert old not in validated
     assert validated.count(recent) == 1  # once, then remembered
+
+
+def test_two_servers_resources_sharing_an_id_and_version_are_not_confused():
+    """Two EHRs may both have Observation/1 version 1: a different patient or time is another resource."""
+    resources, observation = _chart(38.2)
+    mine = _stored({**observation, "id": "1"}, "1")
+    theirs = copy.deepcopy(mine)
+    theirs["subject"] = {"reference": "Patient/someone-else"}
+    theirs["valueQuantity"]["value"] = 40.3
+    assert _temperatures([mine]) == [38.2]
+    assert _temperatures([theirs]) == [40.3]

@@ -96,7 +96,9 @@ class Horizon(Interface):
 
 class _VersionMemo:
     """A pure function's results by resource version, for the same chart comes back on every chart
-    open. A FHIR version is immutable: type, id, versionId and lastUpdated name its content.
+    open. A FHIR version is immutable: type, id, versionId and lastUpdated name its content on one
+    server; the subject and effective time are in the key too, so that two EHRs' resources that
+    share an id and version ("Observation/1", version "1") are never taken for each other.
     ``by_content``: a resource without them is keyed by a hash of its JSON (~20 us, worth it only
     when the function costs more). Bounded: past ``size`` entries the older half is dropped."""
 
@@ -109,7 +111,11 @@ class _VersionMemo:
     def key(self, resource: Mapping):
         meta = resource.get("meta")
         if isinstance(meta, dict) and meta.get("versionId") and meta.get("lastUpdated") and resource.get("id"):
-            key = (resource.get("resourceType"), resource["id"], meta["versionId"], meta["lastUpdated"])
+            subject, period = resource.get("subject"), resource.get("effectivePeriod")
+            key = (resource.get("resourceType"), resource["id"], meta["versionId"], meta["lastUpdated"],
+                   subject.get("reference") if isinstance(subject, dict) else None,
+                   resource.get("effectiveDateTime") or resource.get("effectiveInstant")
+                   or ((period.get("start"), period.get("end")) if isinstance(period, dict) else None))
         elif self.by_content:
             return hashlib.blake2b(json.dumps(resource, separators=(",", ":")).encode(), digest_size=16).digest()
         else:
