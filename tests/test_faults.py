@@ -83,6 +83,14 @@ def assert_in_budget(elapsed: float) -> None:
     assert elapsed < BUDGET + MARGIN, f"the call took {elapsed:.2f} s; budget {BUDGET} s + {MARGIN} s"
 
 
+def precondition_failed(service, chart: "Chart", fhir_base: str) -> str:
+    """One call against the stand-in: a 412 within the budget. Returns what its OperationOutcome says."""
+    answer, elapsed = call_timed(service, chart, fhir_base)
+    assert answer.status_code == 412, answer.text
+    assert_in_budget(elapsed)
+    return diagnostics(answer)
+
+
 def diagnostics(answer: requests.Response) -> str:
     body = answer.json()
     assert body["resourceType"] == "OperationOutcome", body
@@ -124,23 +132,17 @@ def test_a_slow_server_is_cut_off_at_the_budget(service, chart, local_http):
         server.stop.wait(BUDGET + 5)  # far past the budget; ends when the test does
         return 200, chart.bodies[chart.key_of(request.path)]
 
-    fhir = local_http(slow)
-    answer, elapsed = call_timed(service, chart, fhir.base_url)
-    assert answer.status_code == 412, answer.text
+    said = precondition_failed(service, chart, local_http(slow).base_url)
     assert re.search(r"prefetch:medications: (MedicationAdministration search timed out|time budget exhausted)",
-                     diagnostics(answer)), diagnostics(answer)
-    assert_in_budget(elapsed)
+                     said), said
 
 
 @pytest.mark.parametrize("status, says", [(500, "answered 500"), (503, "answered 503"),
                                           (401, "answered 401"), (403, "answered 403"), (404, "answered 404")])
 def test_error_statuses_from_the_server(service, chart, local_http, status, says):
     outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception"}]}
-    fhir = local_http(lambda request, server: (status, outcome))
-    answer, elapsed = call_timed(service, chart, fhir.base_url)
-    assert answer.status_code == 412, answer.text
-    assert f"prefetch:medications: FHIR server {says} for MedicationAdministration search" in diagnostics(answer)
-    assert_in_budget(elapsed)
+    said = precondition_failed(service, chart, local_http(lambda request, server: (status, outcome)).base_url)
+    assert f"prefetch:medications: FHIR server {says} for MedicationAdministration search" in said
 
 
 @pytest.mark.parametrize("body, says", [
@@ -156,11 +158,8 @@ def test_malformed_answers(service, chart, local_http, body, says):
         key = chart.key_of(request.path)
         return 200, (chart.bodies[key] if key == "patient" else body)
 
-    fhir = local_http(malformed)
-    answer, elapsed = call_timed(service, chart, fhir.base_url)
-    assert answer.status_code == 412, answer.text
-    assert says in diagnostics(answer) and "prefetch:medications" in diagnostics(answer)
-    assert_in_budget(elapsed)
+    said = precondition_failed(service, chart, local_http(malformed).base_url)
+    assert says in said and "prefetch:medications" in said
 
 
 def _reset(request) -> None:
@@ -180,12 +179,9 @@ def test_a_connection_reset_mid_answer_on_the_medications(service, chart, local_
             return _reset(request)
         return 200, chart.bodies[key]
 
-    fhir = local_http(resetting)
-    answer, elapsed = call_timed(service, chart, fhir.base_url)
-    assert answer.status_code == 412, answer.text
+    said = precondition_failed(service, chart, local_http(resetting).base_url)
     assert re.search(r"prefetch:medications: (request for MedicationAdministration search failed|could not connect)",
-                     diagnostics(answer)), diagnostics(answer)
-    assert_in_budget(elapsed)
+                     said), said
 
 
 def test_a_connection_reset_on_the_observations_only(service, chart, local_http):
@@ -215,10 +211,7 @@ def test_a_server_that_drips_its_answer(service, chart, local_http):
 
     fhir = local_http(drip)
     for _ in range(2):
-        answer, elapsed = call_timed(service, chart, fhir.base_url)
-        assert answer.status_code == 412, answer.text
-        assert "prefetch:medications" in diagnostics(answer)
-        assert_in_budget(elapsed)
+        assert "prefetch:medications" in precondition_failed(service, chart, fhir.base_url)
     healthy = local_http(lambda request, server: (200, chart.bodies[chart.key_of(request.path)]))
     answer, elapsed = call_timed(service, chart, healthy.base_url)
     assert main_card(answer)["summary"].startswith("CRS grade 2, ICANS grade 0"), answer.text
@@ -292,11 +285,8 @@ def test_a_body_far_too_large_is_not_read_to_the_end(service, chart, local_http)
         key = chart.key_of(request.path)
         return 200, padding if key == "medications" else chart.bodies[key]
 
-    fhir = local_http(huge)
-    answer, elapsed = call_timed(service, chart, fhir.base_url)
-    assert answer.status_code == 412, answer.text
-    assert "more than" in diagnostics(answer) and "prefetch:medications" in diagnostics(answer)
-    assert_in_budget(elapsed)
+    said = precondition_failed(service, chart, local_http(huge).base_url)
+    assert "more than" in said and "prefetch:medications" in said
 
 
 # ---- one source fails: the others are used, the grade says "at least" -----------------------------------

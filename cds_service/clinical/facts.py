@@ -339,6 +339,7 @@ class FactExtractor:
         except UnreadableValue as exc:
             return ObservationContent(problem=str(exc))
         end = end or start
+        # Read again, not kept from the readout: nothing remembered may hold on to a request's dicts.
         kind, component_kinds = self._observation_kinds(obs)
         readings, unreadable = [], []
         if kind == "bp_panel" and not any(k == "sbp" for k, _ in component_kinds):
