@@ -128,3 +128,15 @@ def test_a_412_call_line(serve_app, tmp_path, fhir, now, caplog):
     [line] = hook_call_lines(caplog)
     assert line["outcome"] == "412" and "medications" in line["reason"] and line["cards"] == []
     assert line["grades"] is None and line["iss"] is None
+
+
+def test_an_out_of_scope_call_line_says_why_and_which_key_told(serve_app, tmp_path, fhir, now, caplog):
+    service = make_service(serve_app, tmp_path, fhir, auth=False)
+    body = hook_request(by_name("no-iec-therapy"), now)
+    with caplog.at_level(logging.INFO):
+        answer = service.post(SERVICE, body)
+    assert answer.status_code == 200 and answer.json() == {"cards": []}
+    [line] = hook_call_lines(caplog)
+    assert line["outcome"] == "ok" and line["cards"] == [] and line["grades"] is None
+    assert line["scope"] == "no IEC therapy in the last 60 days"
+    assert line["sources"] == {"medications": "prefetch"}

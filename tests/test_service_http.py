@@ -212,6 +212,49 @@ def test_out_of_scope_patient_gets_an_empty_card_list(service, now):
     assert answer.status_code == 200 and answer.json() == {"cards": []}
 
 
+def _medications_only(body: dict, fhir_base: str | None) -> dict:
+    body["prefetch"] = {"medications": body["prefetch"]["medications"]}
+    if fhir_base:
+        body["fhirServer"] = fhir_base
+    else:
+        body.pop("fhirServer", None)
+    return body
+
+
+def test_out_of_scope_is_told_from_the_medications_key_alone(service, now, local_http):
+    """No IEC therapy in a whole medications key: no cards, and the vitals are neither needed nor
+    fetched (nor is their absence a 412). The same request for an in-scope patient does fetch them."""
+    fhir = local_http(lambda request, server: (200, {"resourceType": "Bundle", "type": "searchset", "total": 0}))
+    body = _medications_only(hook_request(by_name("no-iec-therapy"), now), fhir.base_url)
+    assert body["prefetch"]["medications"]["entry"], "the scenario gives other drugs"
+    answer = service.post("/cds-services/crs-icans-assessment", body)
+    assert answer.status_code == 200 and answer.json() == {"cards": []}
+    assert fhir.requests == []
+    without_server = service.post("/cds-services/crs-icans-assessment",
+                                  _medications_only(hook_request(by_name("no-iec-therapy"), now), None))
+    assert without_server.status_code == 200 and without_server.json() == {"cards": []}
+
+    in_scope = _medications_only(hook_request(by_name("crs2-hypotension-fluids"), now), fhir.base_url)
+    assert service.post("/cds-services/crs-icans-assessment", in_scope).status_code == 200
+    assert sorted(r.path.split("?")[0] for r in fhir.requests) == ["/fhir/Observation"] * 4 + ["/fhir/Patient/"
+                                                                  + in_scope["context"]["patientId"]]
+
+
+def test_in_scope_with_the_medications_key_alone_and_no_server_is_412(service, now):
+    body = _medications_only(hook_request(by_name("crs2-hypotension-fluids"), now), None)
+    answer = service.post("/cds-services/crs-icans-assessment", body)
+    assert answer.status_code == 412 and "temperatures" in outcome_of(answer)
+
+
+def test_a_medications_key_with_more_pages_does_not_tell_out_of_scope(service, now):
+    """The next page may hold the CAR-T infusion: without a server to fetch it, 412, not silence."""
+    body = hook_request(by_name("no-iec-therapy"), now)
+    body.pop("fhirServer", None)
+    body["prefetch"]["medications"]["link"] = [{"relation": "next", "url": "http://127.0.0.1:9/fhir/page2"}]
+    answer = service.post("/cds-services/crs-icans-assessment", body)
+    assert answer.status_code == 412 and "medication" in outcome_of(answer)
+
+
 # ---- Order hooks --------------------------------------------------------------------------------
 
 def order_request(hook: str, scenario: str, now: datetime, orders: list[dict], selections=None) -> dict:

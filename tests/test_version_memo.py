@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from cds_service.clinical import assess
 from cds_service.clinical.facts import extract_facts
 from cds_service.clinical.protocol import default_protocol
-from cds_service.scenarios import YESCARTA, Chart
+from cds_service.scenarios import NOREPINEPHRINE, YESCARTA, Chart
 from cds_service.terminology import Terminology
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
@@ -147,3 +147,44 @@ def test_two_servers_resources_sharing_an_id_and_version_are_not_confused():
     theirs["valueQuantity"]["value"] = 40.3
     assert _temperatures([mine]) == [38.2]
     assert _temperatures([theirs]) == [40.3]
+
+
+def _in_scope(resources: list[dict], now: datetime = NOW) -> bool:
+    return assess(resources, now).in_scope
+
+
+def test_an_administration_edited_in_place_is_read_again():
+    """The status is part of the key: an infusion entered in error under the same version (a server
+    that edits in place) stops counting at once."""
+    chart = Chart("memo-status", NOW, "Test", "Pat", "female", 50)
+    infusion = _stored(chart.iec(YESCARTA, days_ago=2), "1")
+    assert _in_scope([infusion]) and _in_scope([infusion])
+    assert not _in_scope([{**infusion, "status": "entered-in-error"}])
+
+
+def test_an_administration_naming_a_medication_elsewhere_is_read_every_time():
+    """Its drug is another resource of the same request, which may change under the same version of
+    the administration: such an administration is never remembered."""
+    chart = Chart("memo-reference", NOW, "Test", "Pat", "female", 50)
+    given = _stored(chart.iec(YESCARTA, days_ago=2), "1")
+    given.pop("medicationCodeableConcept")
+    given["medicationReference"] = {"reference": "Medication/m1"}
+    car_t = {"resourceType": "Medication", "id": "m1", "code": {"text": YESCARTA.text}}
+    antiemetic = {"resourceType": "Medication", "id": "m1", "code": {"text": "ondansetron 8 mg IV"}}
+    assert _in_scope([given, car_t])
+    assert not _in_scope([given, antiemetic])
+    assert _in_scope([given, car_t])
+
+
+def test_a_remembered_open_infusion_runs_until_each_call_s_now():
+    """An in-progress infusion without an end runs until the assessment's moment: decided per call."""
+    from datetime import timedelta
+
+    chart = Chart("memo-open", NOW, "Test", "Pat", "female", 50)
+    chart.iec(YESCARTA, days_ago=2)
+    chart.infusion(NOREPINEPHRINE, started_hours_ago=3, rate=(0.1, "ug/kg/min"))
+    stored = [_stored(r, "1") for r in chart.resources]
+    for moment in (NOW, NOW + timedelta(hours=1)):
+        facts = extract_facts(stored, moment, Terminology.load(), default_protocol())
+        [drip] = [d for d in facts.drugs if "vasopressors" in d.categories]
+        assert drip.end == moment

@@ -98,7 +98,9 @@ class _VersionMemo:
     """A pure function's results by resource version, for the same chart comes back on every chart
     open. A FHIR version is immutable: type, id, versionId and lastUpdated name its content on one
     server; the subject and effective time are in the key too, so that two EHRs' resources that
-    share an id and version ("Observation/1", version "1") are never taken for each other.
+    share an id and version ("Observation/1", version "1") are never taken for each other, and the
+    status, so that a server that edits a resource in place without a new version cannot hide an
+    administration stopped or entered in error.
     ``by_content``: a resource without them is keyed by a hash of its JSON (~20 us, worth it only
     when the function costs more). Bounded: past ``size`` entries the older half is dropped."""
 
@@ -113,7 +115,7 @@ class _VersionMemo:
         if isinstance(meta, dict) and meta.get("versionId") and meta.get("lastUpdated") and resource.get("id"):
             subject, period = resource.get("subject"), resource.get("effectivePeriod")
             key = (resource.get("resourceType"), resource["id"], meta["versionId"], meta["lastUpdated"],
-                   subject.get("reference") if isinstance(subject, dict) else None,
+                   resource.get("status"), subject.get("reference") if isinstance(subject, dict) else None,
                    resource.get("effectiveDateTime") or resource.get("effectiveInstant")
                    or ((period.get("start"), period.get("end")) if isinstance(period, dict) else None))
         elif self.by_content:
@@ -171,10 +173,27 @@ def validation_error(resource: Mapping) -> str | None:
 
 @lru_cache(maxsize=8)
 def _readout_memo(terminology: Terminology) -> _VersionMemo:
-    """Observation readouts by version, per terminology (a site's ValueSets change what is read).
-    About 0.65 KB each: 20,000 (~13 MB a worker) hold the windows of some fifteen ICU charts; past
-    that, a readout is made again (~12 us, the validation memo still holding)."""
+    """Observation and MedicationAdministration readouts by version (the resource type is in the
+    key), per terminology (a site's ValueSets change what is read). About 0.65 KB each: 20,000
+    (~13 MB a worker) hold the windows of some fifteen ICU charts; past that, a readout is made
+    again (~12 us, the validation memo still holding)."""
     return _VersionMemo(size=20_000, by_content=False)
+
+
+@dataclass(frozen=True)
+class AdministrationReadout:
+    """One MedicationAdministration version as read: the drug, its times and dose when it counts
+    (``timing`` None: not a drug the rules read, a status that never counts, or ``problem``). Till
+    when an open infusion runs depends on ``now``, so that is decided per call."""
+
+    timing: tuple[datetime, datetime | None] | None = None
+    agent: str = ""
+    categories: frozenset[str] = frozenset()
+    status: str = "unknown"
+    reference: str = ""
+    label: str = ""
+    dose_mg: float | None = None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -239,28 +258,12 @@ class FactExtractor:
                 self._observation(resource)
         return self.facts
 
-    def _worth_reading(self, timing: tuple | None, kinds: list[str]) -> bool:
+    def _worth_reading(self, timing: tuple | None, kinds: tuple[str, ...]) -> bool:
         """Inside the horizon of at least one of its kinds (an unparseable time is read, to be reported)."""
         if self.horizon is None or timing is None:
             return True
         start, end = timing
         return any(self.horizon.admits(kind, start, end or start) for kind in kinds)
-
-    def _readable_timing(self, resource: Mapping, ignored: set[str], allowed: set[str]):
-        """(start, end) of a relevant resource that counts; None when its status says to ignore it
-        or it cannot be read (then it is reported)."""
-        status = resource.get("status")
-        if isinstance(status, str) and status in ignored:  # any other status is reported below
-            return None
-        problem = validation_error(resource) or _status_problem(resource, allowed)
-        if problem:
-            self._unreadable(resource, problem)
-            return None
-        try:
-            return effective_interval(resource)
-        except UnreadableValue as exc:
-            self._unreadable(resource, str(exc))
-            return None
 
     def _unreadable(self, resource: Mapping, reason: str) -> None:
         self.facts.unreadable.append(self._unreadable_entry(resource, reason))
@@ -406,22 +409,39 @@ class FactExtractor:
 
     # ---- MedicationAdministrations -----------------------------------------------------------
     def _administration(self, admin: Mapping) -> None:
+        if isinstance(admin.get("medicationReference"), dict):
+            readout = self._administration_readout(admin)  # the Medication it points to is in this request
+        else:
+            readout = _readout_memo(self.terms)(admin, self._administration_readout)
+        if readout.problem:
+            self._unreadable(admin, readout.problem)
+        if readout.timing is None:
+            return  # not a drug the rules read, a status that never counts, or unreadable
+        start, end = readout.timing
+        if end is None:
+            # An open period is running now only while in progress; otherwise it counts at its start.
+            end = max(start, self.now) if readout.status == "in-progress" else start
+        if readout.status == "stopped" and end < start:
+            return  # stopped before it started
+        self.facts.drugs.append(DrugEvent(readout.agent, readout.categories, start, end, readout.status,
+                                          readout.reference, readout.label, readout.dose_mg))
+
+    def _administration_readout(self, admin: Mapping) -> AdministrationReadout:
         codeable, texts = medication_concept(admin, self.medications)
         categories = self.terms.categories(MEDICATION_VALUESETS, codeable, texts)
         if not categories:
-            if codeable is None and not texts:
-                self._unreadable(admin, "medication could not be resolved")
-            return
+            unresolved = codeable is None and not texts
+            return AdministrationReadout(problem="medication could not be resolved" if unresolved else None)
         status = admin.get("status")
-        timing = self._readable_timing(admin, IGNORED_ADMINISTRATION_STATUSES, ADMINISTRATION_STATUSES)
-        if timing is None:
-            return
-        start, end = timing
-        if end is None:
-            # An open period is running now only while in progress; otherwise it counts at its start.
-            end = max(start, self.now) if status == "in-progress" else start
-        if status == "stopped" and end < start:
-            return  # stopped before it started
+        if isinstance(status, str) and status in IGNORED_ADMINISTRATION_STATUSES:
+            return AdministrationReadout()  # any other status is checked below
+        problem = validation_error(admin) or _status_problem(admin, ADMINISTRATION_STATUSES)
+        if problem:
+            return AdministrationReadout(problem=problem)
+        try:
+            timing = effective_interval(admin)
+        except UnreadableValue as exc:
+            return AdministrationReadout(problem=str(exc))
         agent = next(iter(categories.values()))
         dose_mg = None
         dosage = admin.get("dosage")
@@ -432,8 +452,7 @@ class FactExtractor:
             except UnreadableValue:
                 dose_mg = None  # a dose in mL or units does not stop the drug from counting
         label = agent + (f" {dose_mg:g} mg" if dose_mg is not None else "")
-        self.facts.drugs.append(DrugEvent(agent, frozenset(categories), start, end, status or "unknown",
-                                          resource_key(admin), label, dose_mg))
+        return AdministrationReadout(timing, agent, frozenset(categories), status, resource_key(admin), label, dose_mg)
 
 
 def _status_problem(resource: Mapping, allowed: set[str]) -> str | None:

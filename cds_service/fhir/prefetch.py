@@ -237,6 +237,13 @@ def resolve_prefetch(templates: dict[str, str], request: dict, client: FhirClien
     return result
 
 
+def prefetched_only(templates: dict[str, str], request: dict) -> list[dict] | None:
+    """The resources for these templates when the CDS client sent every key whole (present, not an
+    error, no further page); else None. Never contacts a FHIR server."""
+    result = resolve_prefetch(templates, request, client=None, settings=None, server_allowed=False)
+    return None if result.failures else result.resources
+
+
 def _use_prefetched(key: _Key, value: Any) -> None:
     """Take a prefetched value; on a client-side failure plan a fetch instead."""
     if value is None:

@@ -19,11 +19,13 @@ from flask import Blueprint, Response, current_app, g, request
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
 from ..fhir.prefetch import resolve_prefetch
 from .openapi import load_schema_file
-from .registry import SERVICES, SERVICES_BY_ID, HookCall, prefetch_cutoffs, prefetch_templates
+from .registry import SERVICES, SERVICES_BY_ID, HookCall, out_of_scope, prefetch_cutoffs, prefetch_templates
 
 log = logging.getLogger("crs_cds.hooks")
 
 blueprint = Blueprint("cds_hooks", __name__)
+NO_CARDS = '{"cards":[]}'
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: json.dumps with options makes one a call
 
 
 @lru_cache(maxsize=None)
@@ -86,8 +88,7 @@ def _what_is_wrong(error: jsonschema.ValidationError) -> str:
 
 
 def json_response(body, status: int = 200) -> Response:
-    return Response(json.dumps(body, ensure_ascii=False, separators=(",", ":")), status=status,
-                    mimetype="application/json")
+    return Response(_ENCODER.encode(body), status=status, mimetype="application/json")
 
 
 def operation_outcome(error: ServiceError) -> dict:
@@ -181,9 +182,14 @@ def call_service(service_id: str):
         hook_instance = body.get("hookInstance")
         notes["hookInstance"] = _short(hook_instance, 100) if isinstance(hook_instance, str) else None
         validate_hook_request(body, service.hook)
-        templates = {key: state.templates[key] for key in service.prefetch_keys}
         allowed = state.auth.fhir_server_allowed(body.get("fhirServer"), g.cds_client)
         now = datetime.now(timezone.utc).replace(microsecond=0)
+        unconcerned = out_of_scope(service, body, state.templates, now, state.protocol, state.terminology)
+        if unconcerned is not None:  # most chart opens: answered from one key, before the others
+            notes.update(scope=unconcerned, sources={service.scope_key: "prefetch"})
+            outcome = "ok"
+            return Response(NO_CARDS, mimetype="application/json")
+        templates = {key: state.templates[key] for key in service.prefetch_keys}
         gathered = resolve_prefetch(templates, body, state.fhir_client, state.settings, set(service.required_keys),
                                     server_allowed=allowed, cutoffs=prefetch_cutoffs(state.protocol, now))
         call = HookCall(service, body, gathered.resources, gathered.failures, now,
@@ -211,7 +217,7 @@ def _log_call(service_id: str, started: float, outcome: str, cards: list[dict], 
         "iss": client.iss if client is not None else None,
         "outcome": outcome, "ms": round((time.perf_counter() - started) * 1000, 1),
         "cards": [c["source"]["topic"]["code"] for c in cards], "grades": notes.get("grades"),
-        "sources": notes.get("sources"), "lenient": notes.get("lenient"), "reason": notes.get("reason"),
+        "sources": notes.get("sources"), "scope": notes.get("scope"), "lenient": notes.get("lenient"), "reason": notes.get("reason"),
     }))
 
 

@@ -16,6 +16,7 @@ from ..clinical.orders import review_orders
 from ..clinical.protocol import Protocol
 from ..errors import BadRequest, PreconditionFailed
 from ..fhir.bundle import BundleError, resources_in
+from ..fhir.prefetch import prefetched_only
 from ..terminology import IEC_TOXICITY, Terminology
 from .cards import assessment_cards, finding_cards
 
@@ -59,6 +60,10 @@ class ServiceDeclaration:
     prefetch_keys: tuple[str, ...]
     required_keys: frozenset[str]
     usage_requirements: str | None = None
+    # A prefetch key that alone can show the patient is out of scope (no IEC therapy). When the
+    # client sent it whole and it shows none, the answer is no cards, and the other keys are not
+    # needed: neither read nor fetched, and their absence is no reason for a 412.
+    scope_key: str | None = None
 
     def discovery(self, templates: dict[str, str]) -> dict:
         entry = {"hook": self.hook, "id": self.id, "title": self.title, "description": self.description,
@@ -108,6 +113,19 @@ def _assess_or_412(call: HookCall) -> Assessment:
     return assessment
 
 
+def out_of_scope(service: ServiceDeclaration, request: dict, templates: dict[str, str], now: datetime,
+                 protocol: Protocol, terminology: Terminology) -> str | None:
+    """Why the patient is out of scope, when the service's scope key alone shows it; else None (in
+    scope, the key not sent whole, or unreadable: the full call decides, with its 412s)."""
+    if service.scope_key is None:
+        return None
+    resources = prefetched_only({service.scope_key: templates[service.scope_key]}, request)
+    if resources is None:
+        return None
+    screen = assess(resources, now, protocol, terminology, grade=False)
+    return screen.scope_reason if screen.assessable and not screen.in_scope else None
+
+
 def patient_view(call: HookCall) -> list[dict]:
     """CRS and ICANS grades with evidence, dosing and pitfalls; no card when out of scope."""
     assessment = _assess_or_412(call)
@@ -155,7 +173,7 @@ SERVICES = [
                     "30/60 days of CAR-T or bispecific T-cell engager therapy, with the evidence, weight-based "
                     "tocilizumab and corticosteroid dosing, and pitfalls (e.g. tocilizumab in concurrent ICANS). "
                     "Silent for other patients.",
-        handler=patient_view, prefetch_keys=ALL_KEYS, required_keys=REQUIRED,
+        handler=patient_view, prefetch_keys=ALL_KEYS, required_keys=REQUIRED, scope_key="medications",
         usage_requirements="Needs read access to Patient, Observation (vital signs, weight, ferritin, ICANS "
                            "assessments coded in http://crs-cds.org/fhir/CodeSystem/iec-toxicity) and "
                            "MedicationAdministration."),
