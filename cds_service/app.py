@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -34,10 +35,30 @@ class ServiceState:
     auth: Authenticator
 
 
+class LineFormatter(logging.Formatter):
+    """``asctime %(levelname)s %(name)s %(message)s``, the date and time text made once a second:
+    localtime and strftime for every line were ~15 us of a 0.4 ms out-of-scope call."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+        self._second, self._text = None, ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:  # a race between threads only makes the same text twice
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+            self._second = second
+        return f"{self._text},{int(record.msecs):03d}"
+
+
 def configure_logging() -> None:
     """INFO to stderr (one line per hook call, see hooks/api.py), unless the host configured logging."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(LineFormatter())
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
@@ -71,7 +92,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
 
     @app.after_request
     def cors(response):
-        origin = request.headers.get("Origin")
+        origin = request.environ.get("HTTP_ORIGIN")  # most calls (EHR servers) send none: the cheap look
         allowed = settings.cors_origins
         if origin and ("*" in allowed or origin in allowed):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin

@@ -40,9 +40,8 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
     facts.unreadable.extend(unread_sources)
     episode = find_episode(facts, now, protocol)
     if episode is None:
-        medication_unread = any(u.source == "MedicationAdministration" for u in facts.unreadable)
-        reason = ("IEC therapy history could not be read" if medication_unread else
-                  f"no IEC therapy in the last {protocol['scope']['icans_risk_window_days']} days")
+        medication_unread = _medication_unread(facts)
+        reason = "IEC therapy history could not be read" if medication_unread else _no_iec_therapy(protocol)
         return Assessment(now, protocol.label, False, reason, _not_graded("CRS", reason),
                           _not_graded("ICANS", reason), facts.patient_id, unreadable=facts.unreadable,
                           assessable=not medication_unread)
@@ -67,3 +66,26 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
     return Assessment(now, protocol.label, True, scope_reason, crs, icans, facts.patient_id,
                       latest.evidence(f"{latest.agent} given"), recommend(situation, crs, icans), facts.unreadable,
                       iec_car_t="car-t-products" in latest.categories, situation=situation)
+
+
+def out_of_scope_reason(administrations: Iterable[Mapping], now: datetime, protocol: Protocol,
+                        terminology: Terminology) -> str | None:
+    """Why the patient is out of scope, told from their MedicationAdministrations alone (the
+    cheap first look at a chart); None when in scope, or when the medication history cannot be
+    read: then only ``assess`` can answer."""
+    facts = extract_facts(administrations, now, terminology, protocol, horizon_for=_no_observations)
+    if find_episode(facts, now, protocol) is not None or _medication_unread(facts):
+        return None
+    return _no_iec_therapy(protocol)
+
+
+def _no_observations(facts) -> None:
+    return None
+
+
+def _medication_unread(facts) -> bool:
+    return any(u.source == "MedicationAdministration" for u in facts.unreadable)
+
+
+def _no_iec_therapy(protocol: Protocol) -> str:
+    return f"no IEC therapy in the last {protocol['scope']['icans_risk_window_days']} days"

@@ -240,8 +240,19 @@ def resolve_prefetch(templates: dict[str, str], request: dict, client: FhirClien
 def prefetched_only(templates: dict[str, str], request: dict) -> list[dict] | None:
     """The resources for these templates when the CDS client sent every key whole (present, not an
     error, no further page); else None. Never contacts a FHIR server."""
-    result = resolve_prefetch(templates, request, client=None, settings=None, server_allowed=False)
-    return None if result.failures else result.resources
+    prefetch = request.get("prefetch")
+    if not isinstance(prefetch, dict):
+        return None
+    resources = []
+    for name, template in templates.items():
+        if name not in prefetch:
+            return None
+        key = _Key(name, template, rendered=None)  # no fetch is planned: the query is never needed
+        _use_prefetched(key, prefetch[name])
+        if key.failure is not None:
+            return None
+        resources += key.resources
+    return resources
 
 
 def _use_prefetched(key: _Key, value: Any) -> None:

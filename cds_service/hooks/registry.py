@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable
 
-from ..clinical import assess
+from ..clinical import assess, out_of_scope_reason
 from ..clinical.facts import ICANS_CODES
 from ..clinical.model import Assessment, Unreadable
 from ..clinical.orders import review_orders
@@ -120,10 +120,7 @@ def out_of_scope(service: ServiceDeclaration, request: dict, templates: dict[str
     if service.scope_key is None:
         return None
     resources = prefetched_only({service.scope_key: templates[service.scope_key]}, request)
-    if resources is None:
-        return None
-    screen = assess(resources, now, protocol, terminology, grade=False)
-    return screen.scope_reason if screen.assessable and not screen.in_scope else None
+    return None if resources is None else out_of_scope_reason(resources, now, protocol, terminology)
 
 
 def patient_view(call: HookCall) -> list[dict]:
