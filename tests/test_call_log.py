@@ -140,3 +140,15 @@ def test_an_out_of_scope_call_line_says_why_and_which_key_told(serve_app, tmp_pa
     assert line["outcome"] == "ok" and line["cards"] == [] and line["grades"] is None
     assert line["scope"] == "no IEC therapy in the last 60 days"
     assert line["sources"] == {"medications": "prefetch"}
+
+
+def test_the_line_formatter_writes_what_the_standard_one_does():
+    """The time text is made once a second; each line still carries its own time and milliseconds."""
+    from cds_service.app import LineFormatter
+
+    ours, standard = LineFormatter(), logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    base = time.time()
+    for offset in (0.0, 0.25, 0.999, 1.001, 61.5, 3600.0):
+        record = logging.LogRecord("crs_cds.hooks", logging.INFO, __file__, 1, '{"event": "hook-call"}', None, None)
+        record.created, record.msecs = base + offset, ((base + offset) % 1) * 1000
+        assert ours.format(record) == standard.format(record)
