@@ -41,14 +41,15 @@ class LineFormatter(logging.Formatter):
 
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
-        self._second, self._text = None, ""
+        self._made: tuple[int | None, str] = (None, "")  # one tuple: threads see both or neither
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
-        if second != self._second:  # a race between threads only makes the same text twice
-            self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
-            self._second = second
-        return f"{self._text},{int(record.msecs):03d}"
+        made_for, text = self._made
+        if second != made_for:
+            text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+            self._made = (second, text)
+        return f"{text},{int(record.msecs):03d}"
 
 
 def configure_logging() -> None:

@@ -252,7 +252,7 @@ def test_a_medications_key_with_more_pages_does_not_tell_out_of_scope(service, n
     body.pop("fhirServer", None)
     body["prefetch"]["medications"]["link"] = [{"relation": "next", "url": "http://127.0.0.1:9/fhir/page2"}]
     answer = service.post("/cds-services/crs-icans-assessment", body)
-    assert answer.status_code == 412 and "medication" in outcome_of(answer)
+    assert answer.status_code == 412 and "prefetch:medications: prefetched Bundle has more pages" in outcome_of(answer)
 
 
 # ---- Order hooks --------------------------------------------------------------------------------

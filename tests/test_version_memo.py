@@ -162,6 +162,16 @@ def test_an_administration_edited_in_place_is_read_again():
     assert not _in_scope([{**infusion, "status": "entered-in-error"}])
 
 
+def test_an_administration_s_drug_corrected_under_the_same_version_is_read_as_corrected():
+    """Administrations are remembered by content, not by version: a CAR-T infusion first charted as
+    another drug and corrected in place (same versionId and lastUpdated) brings the patient into scope."""
+    chart = Chart("memo-drug", NOW, "Test", "Pat", "female", 50)
+    infusion = _stored(chart.iec(YESCARTA, days_ago=2), "1")
+    mischarted = {**infusion, "medicationCodeableConcept": {"text": "ondansetron 8 mg IV"}}
+    assert not _in_scope([mischarted]) and not _in_scope([mischarted])
+    assert _in_scope([infusion])
+
+
 def test_an_administration_naming_a_medication_elsewhere_is_read_every_time():
     """Its drug is another resource of the same request, which may change under the same version of
     the administration: such an administration is never remembered."""

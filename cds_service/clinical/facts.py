@@ -100,19 +100,22 @@ class _VersionMemo:
     server; the subject and effective time are in the key too, so that two EHRs' resources that
     share an id and version ("Observation/1", version "1") are never taken for each other, and the
     status, so that a server that edits a resource in place without a new version cannot hide an
-    administration stopped or entered in error.
-    ``by_content``: a resource without them is keyed by a hash of its JSON (~20 us, worth it only
-    when the function costs more). Bounded: past ``size`` entries the older half is dropped."""
+    Observation entered in error or cancelled.
+    ``by_content``: a resource without them is keyed by a hash of its JSON (~20 us for a large
+    one, worth it only when the function costs more); ``by_version=False``: every resource is.
+    Bounded: past ``size`` entries the older half is dropped."""
 
-    def __init__(self, size: int, by_content: bool):
+    def __init__(self, size: int, by_content: bool, by_version: bool = True):
         self.size = size
         self.by_content = by_content
+        self.by_version = by_version
         self.results: dict[object, object] = {}
         self.lock = threading.Lock()
 
     def key(self, resource: Mapping):
         meta = resource.get("meta")
-        if isinstance(meta, dict) and meta.get("versionId") and meta.get("lastUpdated") and resource.get("id"):
+        if (self.by_version and isinstance(meta, dict) and meta.get("versionId") and meta.get("lastUpdated")
+                and resource.get("id")):
             subject, period = resource.get("subject"), resource.get("effectivePeriod")
             key = (resource.get("resourceType"), resource["id"], meta["versionId"], meta["lastUpdated"],
                    resource.get("status"), subject.get("reference") if isinstance(subject, dict) else None,
@@ -173,11 +176,18 @@ def validation_error(resource: Mapping) -> str | None:
 
 @lru_cache(maxsize=8)
 def _readout_memo(terminology: Terminology) -> _VersionMemo:
-    """Observation and MedicationAdministration readouts by version (the resource type is in the
-    key), per terminology (a site's ValueSets change what is read). About 0.65 KB each: 20,000
-    (~13 MB a worker) hold the windows of some fifteen ICU charts; past that, a readout is made
-    again (~12 us, the validation memo still holding)."""
+    """Observation readouts by version, per terminology (a site's ValueSets change what is read).
+    About 0.65 KB each: 20,000 (~13 MB a worker) hold the windows of some fifteen ICU charts; past
+    that, a readout is made again (~12 us, the validation memo still holding)."""
     return _VersionMemo(size=20_000, by_content=False)
+
+
+@lru_cache(maxsize=8)
+def _administration_memo(terminology: Terminology) -> _VersionMemo:
+    """MedicationAdministration readouts by content, never by version alone: they decide whether
+    the patient is in scope at all, a drug corrected in place under the same version must be read
+    as corrected, and they are few (a hash ~5 us against ~20 us for the readout)."""
+    return _VersionMemo(size=5_000, by_content=True, by_version=False)
 
 
 @dataclass(frozen=True)
@@ -412,7 +422,7 @@ class FactExtractor:
         if isinstance(admin.get("medicationReference"), dict):
             readout = self._administration_readout(admin)  # the Medication it points to is in this request
         else:
-            readout = _readout_memo(self.terms)(admin, self._administration_readout)
+            readout = _administration_memo(self.terms)(admin, self._administration_readout)
         if readout.problem:
             self._unreadable(admin, readout.problem)
         if readout.timing is None:
