@@ -94,6 +94,9 @@ class Horizon(Interface):
     def admits(self, kind: str, start: datetime, end: datetime) -> bool: ...
 
 
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps with options makes one a call
+
+
 class _VersionMemo:
     """A pure function's results by resource version, for the same chart comes back on every chart
     open. A FHIR version is immutable: type, id, versionId and lastUpdated name its content on one
@@ -122,7 +125,7 @@ class _VersionMemo:
                    resource.get("effectiveDateTime") or resource.get("effectiveInstant")
                    or ((period.get("start"), period.get("end")) if isinstance(period, dict) else None))
         elif self.by_content:
-            return hashlib.blake2b(json.dumps(resource, separators=(",", ":")).encode(), digest_size=16).digest()
+            return hashlib.blake2b(_COMPACT_JSON.encode(resource).encode(), digest_size=16).digest()
         else:
             return None
         try:
