@@ -195,9 +195,10 @@ def _administration_memo(terminology: Terminology) -> _VersionMemo:
 
 @dataclass(frozen=True)
 class AdministrationReadout:
-    """One MedicationAdministration version as read: the drug, its times and dose when it counts
-    (``timing`` None: not a drug the rules read, a status that never counts, or ``problem``). Till
-    when an open infusion runs depends on ``now``, so that is decided per call."""
+    """One MedicationAdministration as read, remembered by its content: the drug, its times and
+    dose when it counts (``timing`` None: not a drug the rules read, a status that never counts,
+    or ``problem``). Till when an open infusion runs depends on ``now``, so that is decided per
+    call."""
 
     timing: tuple[datetime, datetime | None] | None = None
     agent: str = ""
