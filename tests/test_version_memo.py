@@ -198,3 +198,21 @@ def test_a_remembered_open_infusion_runs_until_each_call_s_now():
         facts = extract_facts(stored, moment, Terminology.load(), default_protocol())
         [drip] = [d for d in facts.drugs if "vasopressors" in d.categories]
         assert drip.end == moment
+
+
+def test_content_hashes_tell_apart_every_difference_json_can_carry():
+    from cds_service.clinical.facts import content_hash
+
+    base = {"resourceType": "MedicationAdministration", "status": "completed", "dosage": {"dose": {"value": 1}}}
+    same = json.loads(json.dumps(base))
+    assert content_hash(same) == content_hash(base)
+    variants = [
+        {**base, "status": "in-progress"},
+        {**base, "dosage": {"dose": {"value": 1.0}}},   # 1 and 1.0 are equal in Python, not in content
+        {**base, "dosage": {"dose": {"value": True}}},  # nor are True and 1
+        {**base, "dosage": {"dose": {"value": "1"}}},
+        {**base, "dosage": {"dose": [{"value": 1}]}},
+        {**base, "note": None},
+    ]
+    hashes = {content_hash(v) for v in variants} | {content_hash(base)}
+    assert len(hashes) == len(variants) + 1
