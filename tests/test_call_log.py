@@ -152,3 +152,26 @@ def test_the_line_formatter_writes_what_the_standard_one_does():
         record = logging.LogRecord("crs_cds.hooks", logging.INFO, __file__, 1, '{"event": "hook-call"}', None, None)
         record.created, record.msecs = base + offset, ((base + offset) % 1) * 1000
         assert ours.format(record) == standard.format(record)
+
+
+def test_the_line_handler_writes_each_line_whole_to_any_stream(tmp_path):
+    """Written and flushed to a file opened without line buffering; a line-buffered stream flushes at
+    the newline itself. A record with an exception keeps its traceback."""
+    from cds_service.app import LineFormatter, LineHandler
+
+    for buffering in (1, -1):
+        path = tmp_path / f"calls-{buffering}.log"
+        with open(path, "w", buffering=buffering, encoding="utf-8") as stream:
+            handler = LineHandler(stream)
+            handler.setFormatter(LineFormatter())
+            handler.handle(logging.LogRecord("crs_cds.hooks", logging.INFO, __file__, 1, '{"event": %s}', ('"x"',), None))
+            assert path.read_text(encoding="utf-8").endswith(' INFO crs_cds.hooks {"event": "x"}\n')
+            try:
+                raise ValueError("the reason")
+            except ValueError:
+                import sys
+                record = logging.LogRecord("crs_cds", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+            handler.handle(record)
+            written = path.read_text(encoding="utf-8")
+            assert " ERROR crs_cds failed\nTraceback (most recent call last):" in written
+            assert written.endswith("ValueError: the reason\n")

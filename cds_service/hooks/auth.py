@@ -52,6 +52,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote, urlsplit
@@ -109,8 +110,13 @@ class BaseUrl:
 
 def parse_base_url(url: Any) -> BaseUrl | None:
     """``url`` as a :class:`BaseUrl`, or None when it is not a plain http(s) base URL."""
-    if not isinstance(url, str):
-        return None
+    return _parsed_base_url(url) if isinstance(url, str) else None
+
+
+@lru_cache(maxsize=1024)
+def _parsed_base_url(url: str) -> BaseUrl | None:
+    # Remembered: every hook call checks its fhirServer (~8 us to parse), and an EHR sends one or
+    # a few. A BaseUrl is immutable, so the same one may be handed out again.
     url = url.strip()
     if not url or any(ch in url for ch in "\\@?#") or any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
         return None
