@@ -216,3 +216,60 @@ def test_content_hashes_tell_apart_every_difference_json_can_carry():
     ]
     hashes = {content_hash(v) for v in variants} | {content_hash(base)}
     assert len(hashes) == len(variants) + 1
+
+
+# ---- The out-of-scope answer remembered by the medications key's content --------------------------
+
+SHIPPED = Terminology.load()  # one object, as in a running service: what is remembered is per terminology
+
+
+def _out_of_scope(chart: Chart, now: datetime, protocol=None, terminology=SHIPPED) -> str | None:
+    from cds_service.hooks.registry import SERVICES_BY_ID, out_of_scope, prefetch_templates
+
+    medications = {"resourceType": "Bundle", "type": "searchset",
+                   "entry": [{"resource": r} for r in chart.resources if r["resourceType"] == "MedicationAdministration"]}
+    request = {"prefetch": {"medications": json.loads(json.dumps(medications))}}  # a fresh parse, as each call has
+    return out_of_scope(SERVICES_BY_ID["crs-icans-assessment"], request, prefetch_templates(terminology), now,
+                        protocol or default_protocol(), terminology)
+
+
+def test_the_same_medications_are_in_scope_at_one_time_and_not_at_another():
+    """Only "no IEC therapy at all" is remembered: an infusion 61 days ago is out of scope now and
+    was in scope two days ago; one charted for tomorrow is out of scope now and in scope later."""
+    for days_ago, in_scope_at in ((61, NOW.replace(day=19)), (-1, NOW.replace(day=23))):
+        chart = Chart(f"memo-scope-{days_ago}", NOW, "Test", "Pat", "female", 50)
+        chart.iec(YESCARTA, days_ago=days_ago)
+        chart.infusion(NOREPINEPHRINE, started_hours_ago=2, rate=(0.1, "ug/kg/min"))
+        for _ in range(2):  # the second time from whatever was remembered
+            assert _out_of_scope(chart, NOW) == "no IEC therapy in the last 60 days"
+            assert _out_of_scope(chart, in_scope_at) is None
+
+
+def test_a_car_t_infusion_added_to_remembered_medications_is_seen():
+    chart = Chart("memo-added", NOW, "Test", "Pat", "female", 50)
+    chart.infusion(NOREPINEPHRINE, started_hours_ago=2, rate=(0.1, "ug/kg/min"))
+    assert _out_of_scope(chart, NOW) == _out_of_scope(chart, NOW) == "no IEC therapy in the last 60 days"
+    chart.iec(YESCARTA, days_ago=2)
+    assert _out_of_scope(chart, NOW) is None
+
+
+def test_what_is_remembered_is_per_terminology_and_per_in_scope_statuses(tmp_path):
+    """A site's own CAR-T code, and a site protocol counting stopped infusions: the same medications
+    read under the shipped terminology and protocol first must not decide for the site."""
+    local = {"resourceType": "ValueSet", "id": "car-t-products", "url": "http://crs-cds.org/fhir/ValueSet/car-t-products",
+             "status": "active", "compose": {"include": [{"system": "http://hospital.example.org/formulary",
+                                                          "concept": [{"code": "CART-77", "display": "site CAR-T"}]}]}}
+    (tmp_path / "ValueSet-car-t-products.json").write_text(json.dumps(local))
+    chart = Chart("memo-site", NOW, "Test", "Pat", "female", 50)
+    infusion = chart.iec(YESCARTA, days_ago=2)
+    infusion["medicationCodeableConcept"] = {"coding": [{"system": "http://hospital.example.org/formulary", "code": "CART-77"}]}
+    assert _out_of_scope(chart, NOW) == "no IEC therapy in the last 60 days"
+    assert _out_of_scope(chart, NOW, terminology=Terminology.load([tmp_path])) is None
+
+    stopped = Chart("memo-stopped", NOW, "Test", "Pat", "female", 50)
+    stopped.iec(YESCARTA, days_ago=2, status="stopped")
+    from cds_service.clinical.protocol import Protocol
+    counting_stopped = Protocol.load(overrides={"scope": {"in_scope_statuses": [
+        *default_protocol()["scope"]["in_scope_statuses"], "stopped"]}})
+    assert _out_of_scope(stopped, NOW) == "no IEC therapy in the last 60 days"
+    assert _out_of_scope(stopped, NOW, protocol=counting_stopped) is None

@@ -41,7 +41,7 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
     episode = find_episode(facts, now, protocol)
     if episode is None:
         medication_unread = _medication_unread(facts)
-        reason = "IEC therapy history could not be read" if medication_unread else _no_iec_therapy(protocol)
+        reason = "IEC therapy history could not be read" if medication_unread else no_iec_therapy_reason(protocol)
         return Assessment(now, protocol.label, False, reason, _not_graded("CRS", reason),
                           _not_graded("ICANS", reason), facts.patient_id, unreadable=facts.unreadable,
                           assessable=not medication_unread)
@@ -76,7 +76,18 @@ def out_of_scope_reason(administrations: Iterable[Mapping], now: datetime, proto
     facts = extract_facts(administrations, now, terminology, protocol, horizon_for=_no_observations)
     if find_episode(facts, now, protocol) is not None or _medication_unread(facts):
         return None
-    return _no_iec_therapy(protocol)
+    return no_iec_therapy_reason(protocol)
+
+
+def never_in_scope(administrations: Iterable[Mapping], now: datetime, protocol: Protocol,
+                   terminology: Terminology) -> bool:
+    """Out of scope whatever the time: no administration of an IEC therapy in an in-scope status,
+    ever, and every administration readable. The answer depends on the administrations' content,
+    the terminology and the protocol's in-scope statuses alone (``now`` only ends open infusions
+    here), so a caller may remember it by them."""
+    facts = extract_facts(administrations, now, terminology, protocol, horizon_for=_no_observations)
+    statuses = protocol["scope"]["in_scope_statuses"]
+    return not _medication_unread(facts) and not any(d.status in statuses for d in facts.drugs_in("iec-therapies"))
 
 
 def _no_observations(facts) -> None:
@@ -87,5 +98,5 @@ def _medication_unread(facts) -> bool:
     return any(u.source == "MedicationAdministration" for u in facts.unreadable)
 
 
-def _no_iec_therapy(protocol: Protocol) -> str:
+def no_iec_therapy_reason(protocol: Protocol) -> str:
     return f"no IEC therapy in the last {protocol['scope']['icans_risk_window_days']} days"

@@ -197,7 +197,12 @@ def _administration_memo(terminology: Terminology) -> _VersionMemo:
     """MedicationAdministration readouts by content, never by version alone: they decide whether
     the patient is in scope at all, a drug corrected in place under the same version must be read
     as corrected, and they are few (a hash ~5 us against ~20 us for the readout)."""
-    return _VersionMemo(size=5_000, by_content=True, by_version=False)
+    return content_memo(size=5_000)
+
+
+def content_memo(size: int) -> _VersionMemo:
+    """A bounded memo of a pure function of one JSON object, keyed by a hash of its content."""
+    return _VersionMemo(size=size, by_content=True, by_version=False)
 
 
 @dataclass(frozen=True)

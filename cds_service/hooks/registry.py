@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Callable
 
-from ..clinical import assess, out_of_scope_reason
-from ..clinical.facts import ICANS_CODES
+from ..clinical import assess, never_in_scope, no_iec_therapy_reason, out_of_scope_reason
+from ..clinical.facts import ICANS_CODES, content_memo
 from ..clinical.model import Assessment, Unreadable
 from ..clinical.orders import review_orders
 from ..clinical.protocol import Protocol
@@ -116,11 +117,32 @@ def _assess_or_412(call: HookCall) -> Assessment:
 def out_of_scope(service: ServiceDeclaration, request: dict, templates: dict[str, str], now: datetime,
                  protocol: Protocol, terminology: Terminology) -> str | None:
     """Why the patient is out of scope, when the service's scope key alone shows it; else None (in
-    scope, the key not sent whole, or unreadable: the full call decides, with its 412s)."""
+    scope, the key not sent whole, or unreadable: the full call decides, with its 412s).
+
+    Most chart opens are of patients never given IEC therapy, whose EHR sends the same medications
+    at every open: that answer, which no clock changes, is remembered by the key's content."""
     if service.scope_key is None:
         return None
-    resources = prefetched_only({service.scope_key: templates[service.scope_key]}, request)
+    scope_templates = {service.scope_key: templates[service.scope_key]}
+    prefetch = request.get("prefetch")
+    sent = prefetch.get(service.scope_key) if isinstance(prefetch, dict) else None
+    if isinstance(sent, dict):
+        def never(value: dict) -> bool:
+            resources = prefetched_only(scope_templates, {"prefetch": {service.scope_key: value}})
+            return resources is not None and never_in_scope(resources, now, protocol, terminology)
+
+        memo = _never_in_scope_memo(scope_templates[service.scope_key], terminology,
+                                    tuple(protocol["scope"]["in_scope_statuses"]))
+        if memo(sent, never):
+            return no_iec_therapy_reason(protocol)
+    resources = prefetched_only(scope_templates, request)
     return None if resources is None else out_of_scope_reason(resources, now, protocol, terminology)
+
+
+@lru_cache(maxsize=8)
+def _never_in_scope_memo(template: str, terminology: Terminology, in_scope_statuses: tuple[str, ...]):
+    """One per everything ``never_in_scope`` depends on besides the key's content."""
+    return content_memo(size=5_000)
 
 
 def patient_view(call: HookCall) -> list[dict]:
