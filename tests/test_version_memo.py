@@ -172,6 +172,19 @@ def test_an_administration_s_drug_corrected_under_the_same_version_is_read_as_co
     assert _in_scope([infusion])
 
 
+def test_an_administration_made_invalid_under_the_same_version_is_reported():
+    """Its validity is remembered by content too: an infusion edited in place (same versionId and
+    lastUpdated) into invalid FHIR, in a field the rules do not read, is reported as unreadable."""
+    chart = Chart("memo-invalid", NOW, "Test", "Pat", "female", 50)
+    infusion = _stored(chart.iec(YESCARTA, days_ago=2), "1")
+    broken = {**infusion, "dosage": {**infusion["dosage"], "route": "IV"}}  # route is a CodeableConcept
+    for _ in range(2):
+        assert extract_facts([infusion], NOW, Terminology.load(), default_protocol()).unreadable == []
+        facts = extract_facts([broken], NOW, Terminology.load(), default_protocol())
+        assert [u.reference for u in facts.unreadable] == [f"MedicationAdministration/{infusion['id']}"]
+        assert "dosage.route" in facts.unreadable[0].reason and facts.drugs == []
+
+
 def test_an_administration_naming_a_medication_elsewhere_is_read_every_time():
     """Its drug is another resource of the same request, which may change under the same version of
     the administration: such an administration is never remembered."""

@@ -205,6 +205,11 @@ def content_memo(size: int) -> _VersionMemo:
     return _VersionMemo(size=size, by_content=True, by_version=False)
 
 
+# An administration's validity by its content too, like its readout: one edited in place into
+# invalid FHIR under the same version must be reported, not taken as valid from before.
+_administration_validation = content_memo(size=5_000)
+
+
 @dataclass(frozen=True)
 class AdministrationReadout:
     """One MedicationAdministration as read, remembered by its content: the drug, its times and
@@ -461,7 +466,7 @@ class FactExtractor:
         status = admin.get("status")
         if isinstance(status, str) and status in IGNORED_ADMINISTRATION_STATUSES:
             return AdministrationReadout()  # any other status is checked below
-        problem = validation_error(admin) or _status_problem(admin, ADMINISTRATION_STATUSES)
+        problem = _administration_validation(admin, _validate) or _status_problem(admin, ADMINISTRATION_STATUSES)
         if problem:
             return AdministrationReadout(problem=problem)
         try:
