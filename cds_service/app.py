@@ -84,8 +84,6 @@ def configure_logging() -> None:
         handler.setFormatter(LineFormatter())
         root.addHandler(handler)
         root.setLevel(logging.INFO)
-        # The line shows none of them; each costs a lookup for every record.
-        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:

@@ -559,3 +559,16 @@ def test_development_settings_trust_the_sandbox_only_with_es384(tmp_path):
     assert "44823f3d-0b01-4a6c-a80e-b9d3e8a7226f" in sandbox.keys
     raw = json.loads((REPO_ROOT / "examples" / "dev-settings.json").read_text(encoding="utf-8"))
     assert "DEVELOPMENT ONLY" in raw["_comment"]
+
+
+def test_only_short_fhir_server_urls_are_remembered():
+    """Each call's fhirServer is parsed once and remembered, but not a long one a caller could send
+    to fill the memory of every worker."""
+    from cds_service.hooks.auth import _remembered_base_url
+
+    before = _remembered_base_url.cache_info().currsize
+    short = "https://ehr.example.org/fhir/remembered-once"
+    long = "https://ehr.example.org/fhir/" + "a" * 100_000
+    assert parse_base_url(short) == parse_base_url(short) is not None
+    assert parse_base_url(long) is not None and parse_base_url(long).segments[-1] == "a" * 100_000
+    assert _remembered_base_url.cache_info().currsize == before + 1

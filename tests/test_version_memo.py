@@ -286,3 +286,74 @@ def test_what_is_remembered_is_per_terminology_and_per_in_scope_statuses(tmp_pat
         *default_protocol()["scope"]["in_scope_statuses"], "stopped"]}})
     assert _out_of_scope(stopped, NOW) == "no IEC therapy in the last 60 days"
     assert _out_of_scope(stopped, NOW, protocol=counting_stopped) is None
+
+
+def _scope_both_ways(request: dict, now: datetime, terminology=SHIPPED) -> tuple[str | None, str | None]:
+    """The remembered answer and the one read afresh, as the full call would read it."""
+    from cds_service.clinical import out_of_scope_reason
+    from cds_service.fhir.prefetch import prefetched_only
+    from cds_service.hooks.registry import SERVICES_BY_ID, out_of_scope, prefetch_templates
+
+    service, templates = SERVICES_BY_ID["crs-icans-assessment"], prefetch_templates(terminology)
+    remembered = out_of_scope(service, request, templates, now, default_protocol(), terminology)
+    resources = prefetched_only({"medications": templates["medications"]}, request)
+    afresh = None if resources is None else out_of_scope_reason(resources, now, default_protocol(), terminology)
+    return remembered, afresh
+
+
+def test_every_scenario_is_in_or_out_of_scope_alike_remembered_or_read_afresh():
+    from datetime import timedelta
+
+    from cds_service.examples import hook_request
+    from cds_service.scenarios import SCENARIOS
+
+    for scenario in SCENARIOS:
+        request = hook_request(scenario, NOW)
+        for later in (timedelta(0), timedelta(days=29), timedelta(days=61), timedelta(days=-3), timedelta(0)):
+            remembered, afresh = _scope_both_ways(json.loads(json.dumps(request)), NOW + later)
+            assert remembered == afresh, (scenario.name, later)
+
+
+def test_a_new_search_bundle_around_the_same_medications_is_remembered_alike():
+    """A server makes each search Bundle anew (id, meta, timestamp, self link): what is remembered
+    is the entries and the next-page link."""
+    from cds_service.examples import hook_request
+    from cds_service.hooks.registry import _never_in_scope_memo, prefetch_templates
+    from cds_service.scenarios import by_name
+
+    request = hook_request(by_name("no-iec-therapy"), NOW)
+    memo = _never_in_scope_memo(prefetch_templates(SHIPPED)["medications"], SHIPPED,
+                                tuple(default_protocol()["scope"]["in_scope_statuses"]))
+    for search in range(4):
+        request["prefetch"]["medications"].update(
+            id=f"search-{search}", meta={"lastUpdated": f"2026-11-21T12:00:0{search}Z"},
+            timestamp=f"2026-11-21T12:00:0{search}Z",
+            link=[{"relation": "self", "url": f"https://ehr.example.org/fhir/MedicationAdministration?s={search}"}])
+        assert _scope_both_ways(request, NOW) == ("no IEC therapy in the last 60 days",) * 2
+        if search == 0:
+            remembered = len(memo.results)
+    assert len(memo.results) == remembered  # the later searches found the first one's answer
+
+
+def test_remembered_medications_that_change_are_read_again():
+    """The same out-of-scope medications, then with a next page, an error in the search, or their
+    Medication turned into a CAR-T product: each time the answer read afresh, never the remembered one."""
+    from cds_service.examples import hook_request
+    from cds_service.scenarios import by_name
+
+    request = hook_request(by_name("no-iec-therapy"), NOW)
+    medications = request["prefetch"]["medications"]
+    assert _scope_both_ways(request, NOW)[0] == "no IEC therapy in the last 60 days"
+    paged = {**medications, "link": [{"relation": "next", "url": "https://ehr.example.org/fhir/page2"}]}
+    failed = {**medications, "entry": [*medications["entry"], {"resource": {
+        "resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception"}]}}]}
+    given = {"resourceType": "MedicationAdministration", "id": "given", "status": "completed",
+             "medicationReference": {"reference": "Medication/product"},
+             "subject": {"reference": "Patient/no-iec-therapy"}, "effectiveDateTime": "2026-11-20T12:00:00Z"}
+    antiemetic = {"resourceType": "Medication", "id": "product", "code": {"text": "ondansetron 8 mg IV"}}
+    car_t = {**antiemetic, "code": {"text": YESCARTA.text}}
+    with_antiemetic = {**medications, "entry": [*medications["entry"], {"resource": given}, {"resource": antiemetic}]}
+    with_car_t = {**medications, "entry": [*medications["entry"], {"resource": given}, {"resource": car_t}]}
+    assert _scope_both_ways({"prefetch": {"medications": with_antiemetic}}, NOW)[0] == "no IEC therapy in the last 60 days"
+    for changed in (paged, failed, with_car_t):
+        assert _scope_both_ways({"prefetch": {"medications": changed}}, NOW) == (None, None)

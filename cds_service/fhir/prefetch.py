@@ -255,6 +255,18 @@ def prefetched_only(templates: dict[str, str], request: dict) -> list[dict] | No
     return resources
 
 
+def search_content(value: Any) -> Any:
+    """What of a prefetched search result decides what is read from it: a Bundle's entries and its
+    next-page link, not its id, meta, total, timestamp or other links, which a server makes anew
+    for every search. ``_use_prefetched`` reads the same from either (for a template that does not
+    search Bundles themselves)."""
+    if not isinstance(value, dict) or value.get("resourceType") != "Bundle":
+        return value
+    next_url = next_link(value)
+    return {"resourceType": "Bundle", "entry": value.get("entry"),
+            "link": [{"relation": "next", "url": next_url}] if next_url else []}
+
+
 def _use_prefetched(key: _Key, value: Any) -> None:
     """Take a prefetched value; on a client-side failure plan a fetch instead."""
     if value is None:

@@ -110,13 +110,17 @@ class BaseUrl:
 
 def parse_base_url(url: Any) -> BaseUrl | None:
     """``url`` as a :class:`BaseUrl`, or None when it is not a plain http(s) base URL."""
-    return _parsed_base_url(url) if isinstance(url, str) else None
+    if not isinstance(url, str):
+        return None
+    # Every hook call checks its fhirServer (~8 us to parse), and an EHR sends one or a few: those
+    # are remembered (a BaseUrl is immutable). Not a long one: the cache would hold what a caller sent.
+    return _remembered_base_url(url) if len(url) <= _REMEMBERED_URL_LENGTH else _parsed_base_url(url)
 
 
-@lru_cache(maxsize=1024)
+_REMEMBERED_URL_LENGTH = 2048
+
+
 def _parsed_base_url(url: str) -> BaseUrl | None:
-    # Remembered: every hook call checks its fhirServer (~8 us to parse), and an EHR sends one or
-    # a few. A BaseUrl is immutable, so the same one may be handed out again.
     url = url.strip()
     if not url or any(ch in url for ch in "\\@?#") or any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
         return None
@@ -137,6 +141,9 @@ def _parsed_base_url(url: str) -> BaseUrl | None:
         if not segment or decoded in (".", "..") or "/" in decoded or "\\" in decoded:
             return None
     return BaseUrl(scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80), segments)
+
+
+_remembered_base_url = lru_cache(maxsize=1024)(_parsed_base_url)
 
 
 def url_within(url: Any, bases: Iterable[BaseUrl]) -> bool:

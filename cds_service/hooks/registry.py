@@ -17,7 +17,7 @@ from ..clinical.orders import review_orders
 from ..clinical.protocol import Protocol
 from ..errors import BadRequest, PreconditionFailed
 from ..fhir.bundle import BundleError, resources_in
-from ..fhir.prefetch import prefetched_only
+from ..fhir.prefetch import prefetched_only, search_content
 from ..terminology import IEC_TOXICITY, Terminology
 from .cards import assessment_cards, finding_cards
 
@@ -120,12 +120,13 @@ def out_of_scope(service: ServiceDeclaration, request: dict, templates: dict[str
     scope, the key not sent whole, or unreadable: the full call decides, with its 412s).
 
     Most chart opens are of patients never given IEC therapy, whose EHR sends the same medications
-    at every open: that answer, which no clock changes, is remembered by the key's content."""
+    at every open: that answer, which no clock changes, is remembered by what the key holds (its
+    entries and next-page link, not the search Bundle's own id or time)."""
     if service.scope_key is None:
         return None
     scope_templates = {service.scope_key: templates[service.scope_key]}
     prefetch = request.get("prefetch")
-    sent = prefetch.get(service.scope_key) if isinstance(prefetch, dict) else None
+    sent = search_content(prefetch.get(service.scope_key)) if isinstance(prefetch, dict) else None
     if isinstance(sent, dict):
         def never(value: dict) -> bool:
             resources = prefetched_only(scope_templates, {"prefetch": {service.scope_key: value}})
