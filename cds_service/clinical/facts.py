@@ -161,6 +161,8 @@ def content_hash(resource: Mapping) -> bytes:
     content in another key order gives another digest, which only costs a miss. Raises
     ValueError for what JSON does not hold."""
     return hashlib.blake2b(marshal.dumps(resource, 2), digest_size=16).digest()
+
+
 _validation_memo = _VersionMemo(size=50_000, by_content=True)
 
 
