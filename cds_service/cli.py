@@ -91,9 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import configure_logging, create_app
     from .settings import SettingsError
 
-    configure_logging()
+    handler = configure_logging()
     try:
-        app = create_app(_settings(args.config))
+        app = create_app(_settings(args.config), call_lines_to=handler)
     except SettingsError as exc:  # e.g. auth on and no trusted issuers
         raise CliError(str(exc)) from None
     app.run(host=args.host, port=args.port, threaded=True)

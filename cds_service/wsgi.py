@@ -6,8 +6,8 @@ import gc
 
 from .app import configure_logging, create_app
 
-configure_logging()  # gunicorn sends a worker's stderr to its error log
-app = create_app()
+# gunicorn sends a worker's stderr to its error log; a host's own logging configuration wins.
+app = create_app(call_lines_to=configure_logging())
 
 # Everything built so far lives as long as the process (FHIR models, terminology, schemas, Flask):
 # frozen out of the cyclic garbage collector, it is no longer walked by every collection that the

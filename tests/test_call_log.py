@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import subprocess
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -175,3 +179,81 @@ def test_the_line_handler_writes_each_line_whole_to_any_stream(tmp_path):
             written = path.read_text(encoding="utf-8")
             assert " ERROR crs_cds failed\nTraceback (most recent call last):" in written
             assert written.endswith("ValueError: the reason\n")
+
+
+LINE_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
+
+
+def test_the_direct_writer_writes_what_handle_would(tmp_path):
+    """``LineHandler.info_writer``: the line of an INFO record of that logger, made without the
+    record, to line- and block-buffered streams alike."""
+    from cds_service.app import LineFormatter, LineHandler
+
+    message = '{"event": "hook-call", "scope": "no IEC therapy \\u00e9"}'
+    for buffering in (1, -1):
+        path = tmp_path / f"direct-{buffering}.log"
+        with open(path, "w", buffering=buffering, encoding="utf-8") as stream:
+            handler = LineHandler(stream)
+            handler.setFormatter(LineFormatter())
+            handler.info_writer("crs_cds.hooks")(message)
+            handler.handle(logging.LogRecord("crs_cds.hooks", logging.INFO, __file__, 1, message, None, None))
+            direct, through_logging = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        assert LINE_START.match(direct) and LINE_START.match(through_logging)
+        assert LINE_START.sub("", direct) == LINE_START.sub("", through_logging) == f"INFO crs_cds.hooks {message}\n"
+    with pytest.raises(ValueError):
+        LineHandler().info_writer("crs_cds.hooks")  # a formatter of its own: only handle() knows it
+
+
+def test_a_service_given_the_handler_writes_each_call_line_to_it_and_keeps_the_level(serve_app, tmp_path, now,
+                                                                                     caplog):
+    """Two calls, two lines, straight to the handler (not through the loggers: caplog sees none);
+    none while the hooks logger is set above INFO."""
+    from cds_service.app import LineFormatter, LineHandler
+
+    path = tmp_path / "calls.log"
+    with open(path, "w", buffering=1, encoding="utf-8") as stream:
+        handler = LineHandler(stream)
+        handler.setFormatter(LineFormatter())
+        service = serve_app(create_app(Settings(feedback_db=str(tmp_path / "feedback.sqlite3"), auth_enabled=False),
+                                       call_lines_to=handler))
+        with caplog.at_level(logging.INFO):
+            assert service.post(SERVICE, hook_request(by_name("no-iec-therapy"), now)).json() == {"cards": []}
+            assert service.post(SERVICE, hook_request(by_name(SCENARIO), now)).json()["cards"]
+        assert hook_call_lines(caplog) == []
+        hooks_log = logging.getLogger("crs_cds.hooks")
+        level = hooks_log.level
+        hooks_log.setLevel(logging.WARNING)
+        try:
+            assert service.post(SERVICE, hook_request(by_name(SCENARIO), now)).status_code == 200
+        finally:
+            hooks_log.setLevel(level)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and all(LINE_START.match(line) for line in lines)
+    out_of_scope, graded = (json.loads(line.split(" INFO crs_cds.hooks ", 1)[1]) for line in lines)
+    assert out_of_scope["scope"] == "no IEC therapy in the last 60 days" and out_of_scope["cards"] == []
+    assert graded["outcome"] == "ok" and graded["grades"]["crs"] == 3 and graded["cards"]
+
+
+@pytest.mark.parametrize("host_logging", [False, True])
+def test_the_production_entry_point_writes_the_call_line_where_the_host_wants_it(tmp_path, now, host_logging):
+    """``cds_service.wsgi``: on stderr in the service's own format; through the host's own handlers
+    and format when the host configured logging before loading the app."""
+    body = json.dumps(hook_request(by_name("no-iec-therapy"), now))
+    script = ("import logging, sys\n"
+              + ("logging.basicConfig(stream=sys.stderr, level=logging.INFO, format='HOST|%(name)s|%(message)s')\n"
+                 if host_logging else "")
+              + "from cds_service.wsgi import app\n"
+              "r = app.test_client().post('/cds-services/crs-icans-assessment', data=sys.stdin.read(), "
+              "content_type='application/json')\n"
+              "print(r.status_code)\n")
+    env = dict(os.environ, CRS_CDS_AUTH_ENABLED="false", CRS_CDS_FEEDBACK_DB=str(tmp_path / "feedback.sqlite3"))
+    done = subprocess.run([sys.executable, "-c", script], input=body, capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "200", done.stderr
+    [line] = [line for line in done.stderr.splitlines() if '"event": "hook-call"' in line]
+    prefix, _, message = line.partition("{")
+    if host_logging:
+        assert prefix == "HOST|crs_cds.hooks|"
+    else:
+        assert LINE_START.match(prefix) and LINE_START.sub("", prefix) == "INFO crs_cds.hooks "
+    assert json.loads("{" + message)["scope"] == "no IEC therapy in the last 60 days"
