@@ -12,8 +12,8 @@ from werkzeug.exceptions import HTTPException
 from .clinical.protocol import Protocol
 from .feedback import FeedbackStore
 from .fhir.client import FhirClient
-from .hooks.api import blueprint, discovery_document, prefetch_templates, warm_up_schema_checks
-from .hooks.api import log as call_log
+from .hooks.api import blueprint, discovery_document, log_call_line, prefetch_templates, warm_up_schema_checks
+from .hooks.api import log as hooks_log
 from .hooks.auth import Authenticator
 from .hooks.openapi import openapi_blueprint
 from .settings import Settings
@@ -34,9 +34,9 @@ class ServiceState:
     fhir_client: FhirClient
     feedback: FeedbackStore
     auth: Authenticator
-    # Where the hook-call line goes straight to (LineHandler.info_writer); None: through logging.
-    # Decided at start-up: handlers a host adds later do not get the line.
-    call_line: Callable[[str], None] | None = None
+    # Writes each hook call's line: through logging (hooks/api.py ``log_call_line``), or straight
+    # to the service's own stderr handler while that is the only place logging would put it.
+    write_call_line: Callable[[str], None]
 
 
 class LineFormatter(logging.Formatter):
@@ -48,16 +48,16 @@ class LineFormatter(logging.Formatter):
         self._made: tuple[int | None, str] = (None, "")  # one tuple: threads see both or neither
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return self.time_text(record.created)
+        return self.time_text(record.created, record.msecs)
 
-    def time_text(self, created: float) -> str:
-        """``asctime`` of a record created at ``created`` (seconds since the epoch)."""
+    def time_text(self, created: float, msecs: float) -> str:
+        """``asctime`` of a record with these ``created`` (seconds since the epoch) and ``msecs``."""
         second = int(created)
         made_for, text = self._made
         if second != made_for:
             text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
             self._made = (second, text)
-        return f"{text},{int((created - second) * 1000):03d}"
+        return f"{text},{int(msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         if record.exc_info or record.exc_text or record.stack_info:
@@ -70,7 +70,8 @@ class LineFormatter(logging.Formatter):
 
 class LineHandler(logging.StreamHandler):
     """A StreamHandler that does not flush a line-buffered stream (stderr is, since Python 3.9)
-    a second time after the newline has: one call and one lock less for every hook call's line."""
+    a second time after the newline has: one call and one lock less for every hook call's line.
+    ``writer_for`` writes a logger's INFO lines to it without making their records."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -86,32 +87,50 @@ class LineHandler(logging.StreamHandler):
         if not getattr(stream, "line_buffering", False):
             stream.flush()
 
-    def info_writer(self, logger_name: str) -> Callable[[str], None]:
-        """Writes an INFO message of ``logger_name`` as ``handle`` would write its record, without
-        making the record and walking the loggers up to this handler: for the line of every hook
-        call (hooks/api.py), when this handler is where that line would end up anyway (see
-        ``configure_logging``). Making the LogRecord and passing it down the logging machinery
-        cost workload A (benchmarks/) about 7 points of its throughput ratio to the reference.
-        The logger's level still decides (hooks/api.py asks it first)."""
+    def writer_for(self, logger: logging.Logger, otherwise: Callable[[str], None]) -> Callable[[str], None]:
+        """A function that writes an INFO message of ``logger`` as ``logger.handle`` would, straight
+        to this handler while logging would send it here and nowhere else (no other handler or
+        filter on the way, this handler's level and formatter as they were); through ``otherwise``
+        as soon as that changes, e.g. when the host configures logging later. The caller asks
+        ``logger.isEnabledFor(logging.INFO)`` first, as ``logger.info`` does.
+
+        Why: making a LogRecord and passing it down the loggers, for the line of every hook call,
+        was the largest part of an out-of-scope call's own work (README, Performance)."""
         formatter = self.formatter
         if not isinstance(formatter, LineFormatter):
-            raise ValueError("info_writer needs the handler's LineFormatter")
+            raise TypeError("writer_for needs the handler's LineFormatter")
+
+        def only_here() -> bool:
+            if self.filters or self.level > logging.INFO or self.formatter is not formatter or logger.disabled:
+                return False
+            node = logger
+            while node.parent is not None:
+                if node.handlers or node.filters or not node.propagate:
+                    return False
+                node = node.parent
+            return len(node.handlers) == 1 and node.handlers[0] is self and not node.filters
 
         def write(message: str) -> None:
-            text = f"{formatter.time_text(time.time())} INFO {logger_name} {message}{self.terminator}"
+            if not only_here():
+                otherwise(message)
+                return
+            now = time.time()
+            text = (f"{formatter.time_text(now, (now - int(now)) * 1000)} INFO {logger.name} {message}"
+                    f"{self.terminator}")
             with self.lock:  # as handle() does: threads' lines never interleave
                 try:
                     self._write(text)
+                except RecursionError:
+                    raise
                 except Exception:
-                    self.handleError(logging.makeLogRecord({"name": logger_name, "msg": message}))
+                    self.handleError(logging.makeLogRecord({"name": logger.name, "msg": message}))
 
         return write
 
 
 def configure_logging() -> LineHandler | None:
     """INFO to stderr (one line per hook call, see hooks/api.py), unless the host configured logging.
-    Returns the handler when it installed one: ``create_app(call_lines_to=...)`` then writes the hook
-    call lines to it directly. A host that configured logging gets them through its own handlers."""
+    Returns the handler when it installed one, for ``create_app(call_lines_to=...)``."""
     root = logging.getLogger()
     if root.handlers:
         return None
@@ -124,15 +143,17 @@ def configure_logging() -> LineHandler | None:
 
 def create_app(config: Settings | Mapping[str, Any] | None = None, *,
                call_lines_to: LineHandler | None = None) -> Flask:
-    """``call_lines_to``: the handler ``configure_logging`` installed, to write each hook call's
-    line to directly; without it the line goes through logging (logger ``crs_cds.hooks``)."""
+    """``call_lines_to``: the handler ``configure_logging`` installed, which each hook call's line
+    is then written to directly while logging would send it there alone (``LineHandler.writer_for``);
+    without it the line goes through logging (logger ``crs_cds.hooks``)."""
     settings = config if isinstance(config, Settings) else Settings.load(**dict(config or {}))
     auth = Authenticator.from_settings(settings)  # first: a bad trust configuration stops start-up
     terminology = load_terminology(tuple(settings.terminology_dirs))
     templates = prefetch_templates(terminology)
     state = ServiceState(settings, Protocol.load(settings.protocol_file), terminology, templates,
                          discovery_document(templates), FhirClient(settings), FeedbackStore(settings.feedback_db),
-                         auth, call_lines_to.info_writer(call_log.name) if call_lines_to else None)
+                         auth, call_lines_to.writer_for(hooks_log, otherwise=log_call_line) if call_lines_to
+                         else log_call_line)
     # Import fhir.resources and compile the request schemas now, not on the first chart open.
     from .clinical.facts import validation_error
 

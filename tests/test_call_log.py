@@ -184,76 +184,111 @@ def test_the_line_handler_writes_each_line_whole_to_any_stream(tmp_path):
 LINE_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 
 
-def test_the_direct_writer_writes_what_handle_would(tmp_path):
-    """``LineHandler.info_writer``: the line of an INFO record of that logger, made without the
-    record, to line- and block-buffered streams alike."""
+def line_handler(stream=None):
     from cds_service.app import LineFormatter, LineHandler
 
+    handler = LineHandler(stream)
+    handler.setFormatter(LineFormatter())
+    return handler
+
+
+def test_the_direct_writer_writes_what_handle_would(tmp_path, monkeypatch):
+    """``LineHandler.writer_for``: the very line (time to the millisecond included) that handle()
+    writes for an INFO record of that logger, to line- and block-buffered streams alike."""
     message = '{"event": "hook-call", "scope": "no IEC therapy \\u00e9"}'
     for buffering in (1, -1):
         path = tmp_path / f"direct-{buffering}.log"
         with open(path, "w", buffering=buffering, encoding="utf-8") as stream:
-            handler = LineHandler(stream)
-            handler.setFormatter(LineFormatter())
-            handler.info_writer("crs_cds.hooks")(message)
-            handler.handle(logging.LogRecord("crs_cds.hooks", logging.INFO, __file__, 1, message, None, None))
+            handler = line_handler(stream)
+            logger = logging.Logger("crs_cds.hooks")  # a tree of its own: pytest's handlers sit on the root
+            logger.addHandler(handler)
+            record = logger.makeRecord(logger.name, logging.INFO, __file__, 1, message, None, None)
+            monkeypatch.setattr(time, "time", lambda: record.created)
+            handler.writer_for(logger, otherwise=pytest.fail)(message)
+            monkeypatch.undo()
+            handler.handle(record)
             direct, through_logging = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        assert LINE_START.match(direct) and LINE_START.match(through_logging)
-        assert LINE_START.sub("", direct) == LINE_START.sub("", through_logging) == f"INFO crs_cds.hooks {message}\n"
-    with pytest.raises(ValueError):
-        LineHandler().info_writer("crs_cds.hooks")  # a formatter of its own: only handle() knows it
+        assert LINE_START.match(direct)
+        assert direct == through_logging and direct.endswith(f" INFO crs_cds.hooks {message}\n")
+    from cds_service.app import LineHandler
+
+    with pytest.raises(TypeError):  # a formatter of its own: only handle() knows it
+        LineHandler().writer_for(logger, otherwise=print)
 
 
-def test_a_service_given_the_handler_writes_each_call_line_to_it_and_keeps_the_level(serve_app, tmp_path, now,
-                                                                                     caplog):
-    """Two calls, two lines, straight to the handler (not through the loggers: caplog sees none);
-    none while the hooks logger is set above INFO."""
-    from cds_service.app import LineFormatter, LineHandler
+@pytest.mark.parametrize("change", ["another handler on the way", "a filter on the logger", "no propagation",
+                                    "another handler at the root", "a filter at the root", "the handler's level",
+                                    "a filter on the handler", "another formatter", "the logger disabled"])
+def test_the_direct_writer_leaves_it_to_logging_once_logging_would_do_more(tmp_path, change):
+    """Anything that makes logging do more than this handler's write sends the line through logging."""
+    root, hooks = logging.Logger("root"), logging.Logger("crs_cds.hooks")
+    hooks.parent = middle = logging.Logger("crs_cds")
+    middle.parent = root
+    handler = line_handler(open(tmp_path / "calls.log", "w", encoding="utf-8"))
+    root.addHandler(handler)
+    through_logging: list[str] = []
+    write = handler.writer_for(hooks, otherwise=through_logging.append)
+    write("before")
+    {"another handler on the way": lambda: middle.addHandler(logging.NullHandler()),
+     "a filter on the logger": lambda: hooks.addFilter(lambda record: True),
+     "no propagation": lambda: setattr(hooks, "propagate", False),
+     "another handler at the root": lambda: root.addHandler(logging.NullHandler()),
+     "a filter at the root": lambda: root.addFilter(lambda record: True),
+     "the handler's level": lambda: handler.setLevel(logging.WARNING),
+     "a filter on the handler": lambda: handler.addFilter(lambda record: True),
+     "another formatter": lambda: handler.setFormatter(line_handler().formatter),
+     "the logger disabled": lambda: setattr(hooks, "disabled", True)}[change]()
+    write("after")
+    handler.close()
+    assert through_logging == ["after"]
+    assert (tmp_path / "calls.log").read_text(encoding="utf-8").endswith(" INFO crs_cds.hooks before\n")
 
-    path = tmp_path / "calls.log"
-    with open(path, "w", buffering=1, encoding="utf-8") as stream:
-        handler = LineHandler(stream)
-        handler.setFormatter(LineFormatter())
-        service = serve_app(create_app(Settings(feedback_db=str(tmp_path / "feedback.sqlite3"), auth_enabled=False),
-                                       call_lines_to=handler))
-        with caplog.at_level(logging.INFO):
-            assert service.post(SERVICE, hook_request(by_name("no-iec-therapy"), now)).json() == {"cards": []}
-            assert service.post(SERVICE, hook_request(by_name(SCENARIO), now)).json()["cards"]
-        assert hook_call_lines(caplog) == []
-        hooks_log = logging.getLogger("crs_cds.hooks")
-        level = hooks_log.level
-        hooks_log.setLevel(logging.WARNING)
-        try:
-            assert service.post(SERVICE, hook_request(by_name(SCENARIO), now)).status_code == 200
-        finally:
-            hooks_log.setLevel(level)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 2 and all(LINE_START.match(line) for line in lines)
-    out_of_scope, graded = (json.loads(line.split(" INFO crs_cds.hooks ", 1)[1]) for line in lines)
-    assert out_of_scope["scope"] == "no IEC therapy in the last 60 days" and out_of_scope["cards"] == []
-    assert graded["outcome"] == "ok" and graded["grades"]["crs"] == 3 and graded["cards"]
+
+def test_a_failed_write_is_reported_as_logging_reports_it_and_the_call_goes_on(capsys):
+    stream = open(os.devnull, "w", encoding="utf-8")
+    handler = line_handler(stream)
+    logger = logging.Logger("crs_cds.hooks")
+    logger.addHandler(handler)
+    stream.close()
+    handler.writer_for(logger, otherwise=pytest.fail)('{"event": "hook-call"}')
+    assert "--- Logging error ---" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("host_logging", [False, True])
-def test_the_production_entry_point_writes_the_call_line_where_the_host_wants_it(tmp_path, now, host_logging):
-    """``cds_service.wsgi``: on stderr in the service's own format; through the host's own handlers
-    and format when the host configured logging before loading the app."""
-    body = json.dumps(hook_request(by_name("no-iec-therapy"), now))
-    script = ("import logging, sys\n"
-              + ("logging.basicConfig(stream=sys.stderr, level=logging.INFO, format='HOST|%(name)s|%(message)s')\n"
-                 if host_logging else "")
-              + "from cds_service.wsgi import app\n"
-              "r = app.test_client().post('/cds-services/crs-icans-assessment', data=sys.stdin.read(), "
-              "content_type='application/json')\n"
-              "print(r.status_code)\n")
+def test_the_production_entry_point_writes_the_call_line_where_logging_would(tmp_path, now, host_logging):
+    """``cds_service.wsgi``: on stderr in the service's own format, straight from its handler; through
+    logging, in the host's format, when the host configured logging before loading the app or does
+    so later; none while the hooks logger is above INFO or filters the line out."""
+    script = """
+import logging, sys
+from cds_service.hooks import api
+from cds_service.wsgi import app
+body, client, hooks = sys.stdin.read(), app.test_client(), logging.getLogger("crs_cds.hooks")
+def call():
+    answer = client.post("/cds-services/crs-icans-assessment", data=body, content_type="application/json")
+    assert answer.status_code == 200 and answer.get_json() == {"cards": []}
+print(app.config["CRS_CDS"].write_call_line is not api.log_call_line)
+call()
+hooks.setLevel(logging.WARNING); call(); hooks.setLevel(logging.NOTSET)
+refuse = lambda record: False
+hooks.addFilter(refuse); call(); hooks.removeFilter(refuse)
+logging.basicConfig(force=True, stream=sys.stderr, level=logging.INFO, format="LATE|%(name)s|%(message)s")
+call()
+"""
+    if host_logging:
+        script = ("import logging, sys\nlogging.basicConfig(stream=sys.stderr, level=logging.INFO, "
+                  "format='HOST|%(name)s|%(message)s')\n" + script)
     env = dict(os.environ, CRS_CDS_AUTH_ENABLED="false", CRS_CDS_FEEDBACK_DB=str(tmp_path / "feedback.sqlite3"))
+    body = json.dumps(hook_request(by_name("no-iec-therapy"), now))
     done = subprocess.run([sys.executable, "-c", script], input=body, capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "200", done.stderr
-    [line] = [line for line in done.stderr.splitlines() if '"event": "hook-call"' in line]
-    prefix, _, message = line.partition("{")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(not host_logging)
+    first, later = [line.partition("{") for line in done.stderr.splitlines() if '"event": "hook-call"' in line]
     if host_logging:
-        assert prefix == "HOST|crs_cds.hooks|"
+        assert first[0] == "HOST|crs_cds.hooks|"
     else:
-        assert LINE_START.match(prefix) and LINE_START.sub("", prefix) == "INFO crs_cds.hooks "
-    assert json.loads("{" + message)["scope"] == "no IEC therapy in the last 60 days"
+        assert LINE_START.match(first[0]) and LINE_START.sub("", first[0]) == "INFO crs_cds.hooks "
+    assert later[0] == "LATE|crs_cds.hooks|"
+    for _, brace, message in (first, later):
+        assert json.loads(brace + message)["scope"] == "no IEC therapy in the last 60 days"

@@ -11,6 +11,7 @@ import re
 import time
 from datetime import datetime, timezone
 from functools import lru_cache
+from typing import Callable
 
 import jsonschema
 import jsonschema_rs
@@ -210,11 +211,11 @@ def call_service(service_id: str):
         raise
     finally:
         if log.isEnabledFor(logging.INFO):  # the line costs a JSON encoding: only when it is kept
-            _log_call(state.call_line, service_id, client, started, outcome, cards, notes)
+            _log_call(state.write_call_line, service_id, client, started, outcome, cards, notes)
 
 
-def _log_call(write_line, service_id: str, client, started: float, outcome: str, cards: list[dict],
-              notes: dict) -> None:
+def _log_call(write_line: Callable[[str], None], service_id: str, client, started: float, outcome: str,
+              cards: list[dict], notes: dict) -> None:
     line = _LINE_ENCODER.encode({
         "event": "hook-call", "service": service_id, "hookInstance": notes.get("hookInstance"),
         "iss": client.iss if client is not None else None,
@@ -223,11 +224,12 @@ def _log_call(write_line, service_id: str, client, started: float, outcome: str,
         "sources": notes.get("sources"), "scope": notes.get("scope"), "lenient": notes.get("lenient"),
         "reason": notes.get("reason"),
     })
-    if write_line is not None:  # straight to the handler it would end up in (app.configure_logging)
-        write_line(line)
-        return
-    # A record made directly: log.info would also walk the stack for the caller's file and line,
-    # which the line does not show (a few percent of an out-of-scope call).
+    write_line(line)
+
+
+def log_call_line(line: str) -> None:
+    """The hook-call line through logging. A record made directly: log.info would also walk the
+    stack for the caller's file and line, which the line does not show."""
     log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None, "call_service"))
 
 
@@ -255,4 +257,5 @@ def discovery_document(templates: dict[str, str]) -> list[dict]:
     return [service.discovery(templates) for service in SERVICES]
 
 
-__all__ = ["blueprint", "discovery_document", "prefetch_templates", "validate_hook_request", "warm_up_schema_checks"]
+__all__ = ["blueprint", "discovery_document", "log_call_line", "prefetch_templates", "validate_hook_request",
+           "warm_up_schema_checks"]
