@@ -6,5 +6,5 @@ from .assess import assess, never_in_scope, no_iec_therapy_reason, out_of_scope_
 from .model import Assessment, Grade, Recommendation, Unreadable
 from .protocol import Protocol, ProtocolError, default_protocol
 
-__all__ = ["assess", "never_in_scope", "no_iec_therapy_reason", "out_of_scope_reason", "Assessment", "Grade", "Recommendation", "Unreadable", "Protocol", "ProtocolError",
-           "default_protocol"]
+__all__ = ["assess", "never_in_scope", "no_iec_therapy_reason", "out_of_scope_reason", "Assessment", "Grade",
+           "Recommendation", "Unreadable", "Protocol", "ProtocolError", "default_protocol"]
