@@ -378,10 +378,41 @@ def test_failed_observation_source_gives_an_at_least_grade_naming_it(service, no
     assert not any(s["label"].startswith("Record") for s in main.get("suggestions", []))
 
 
-def test_oversized_body_is_413(service):
-    answer = service.post("/cds-services/crs-icans-assessment", b"{" + b" " * (6 * 1024 * 1024) + b"}")
-    assert answer.status_code == 413
-    assert answer.json()["resourceType"] == "OperationOutcome"
+LIMIT = 5 * 1024 * 1024  # Settings.max_body_bytes
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("size, status", [(LIMIT, 400), (LIMIT + 1, 413), (LIMIT + 1024 * 1024, 413)])
+def test_a_body_over_the_limit_is_413(service, size, status, chunked):
+    body = b"{" + b" " * (size - 2) + b"}"  # an empty object: 400 for its missing fields when read
+
+    def chunks():  # no Content-Length: the size shows only while reading
+        for start in range(0, size, 1024 * 1024):
+            yield body[start:start + 1024 * 1024]
+
+    answer = requests.post(service.base + "/cds-services/crs-icans-assessment", data=chunks() if chunked else body,
+                           timeout=30, headers={"Content-Type": "application/json"})
+    assert answer.status_code == status
+    assert (f"larger than {LIMIT} bytes" in outcome_of(answer)) == (status == 413)
+
+
+@pytest.mark.parametrize("escaped, status", [
+    (r"\udc00", 400),           # a lone low surrogate
+    (r"\\\ud800x", 400),        # an escaped backslash, then a lone high surrogate
+    (r"x\u00e9\/\udbff", 400),  # other escapes first
+    (r"\\ud800", 200),          # an escaped backslash, then the text "ud800"
+    (r"\ud83d\ude00", 200),     # a surrogate pair: one emoji
+    (r"\u00b0\/", 200),
+])
+def test_escaped_surrogates_are_refused_only_when_unpaired(service, now, escaped, status):
+    body = json.dumps(hook_request(by_name("no-iec-therapy"), now))
+    answer = service.post("/cds-services/crs-icans-assessment",
+                          body.replace('"hookInstance": "', '"hookInstance": "' + escaped, 1))
+    assert answer.status_code == status
+    if status == 400:
+        assert "surrogate without its pair" in outcome_of(answer)
+    else:
+        assert answer.json() == {"cards": []}
 
 
 # ---- Feedback and CORS -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Callable
 import jsonschema
 import jsonschema_rs
 from flask import Blueprint, Request, Response, current_app, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
 from ..fhir.prefetch import resolve_prefetch
@@ -101,9 +102,12 @@ def operation_outcome(error: ServiceError) -> dict:
 
 
 def _read_json(req: Request, limit: int) -> dict:
-    if (req.content_length or 0) > limit:
-        raise PayloadTooLarge(f"request body larger than {limit} bytes")
-    raw = req.get_data(cache=False)
+    try:
+        # Werkzeug refuses a Content-Length above the app's MAX_CONTENT_LENGTH (``limit`` + 1)
+        # before reading, and cuts a chunked body there.
+        raw = req.get_data(cache=False)
+    except RequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body larger than {limit} bytes") from None
     if len(raw) > limit:
         raise PayloadTooLarge(f"request body larger than {limit} bytes")
     try:
@@ -114,13 +118,25 @@ def _read_json(req: Request, limit: int) -> dict:
         raise BadRequest("request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
-    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+    if _escapes_a_surrogate(raw) and _has_lone_surrogate(body):
         # JSON lets "\ud800" through; no UTF-8 text (the database, the response) can hold it.
         raise BadRequest("request body is not valid JSON text: an escaped UTF-16 surrogate without its pair")
     return body
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _escapes_a_surrogate(raw: bytes) -> bool:
+    """Whether an escape in this (valid) JSON text is of a UTF-16 surrogate. Each backslash is
+    found with ``find`` (memchr); a regular-expression search reads the text byte by byte, some
+    30,000 instructions for a 6 KB request, a tenth of the reference's whole call."""
+    escape = raw.find(b"\\")
+    while escape != -1:
+        if _SURROGATE_ESCAPE.match(raw, escape):
+            return True
+        escape = raw.find(b"\\", escape + 2)  # past the escaped character, a backslash too
+    return False
 
 
 def _has_lone_surrogate(body: dict) -> bool:
