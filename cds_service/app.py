@@ -177,21 +177,36 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         log.exception("unexpected error handling %s %s", request.method, request.path)
         return _outcome(500, "internal error; the service log has the details", "exception")
 
-    @app.after_request
-    def cors(response):
-        origin = request.environ.get("HTTP_ORIGIN")  # most calls (EHR servers) send none: the cheap look
-        allowed = settings.cors_origins
-        if origin and ("*" in allowed or origin in allowed):
-            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Accept"
-            response.headers["Access-Control-Max-Age"] = "600"
-            if "*" not in allowed:
-                response.headers["Vary"] = "Origin"
-        return response
-
+    app.wsgi_app = CorsHeaders(app.wsgi_app, settings.cors_origins)
     log.info("crs-cds ready: %d services, protocol %s", len(state.discovery), state.protocol.label)
     return app
+
+
+class CorsHeaders:
+    """WSGI middleware: CORS headers on every answer (errors too) to a browser origin the settings
+    allow, e.g. the CDS Hooks Sandbox. Not a Flask after_request hook: most calls come from EHR
+    servers, with no Origin, and pass here with one dictionary look-up."""
+
+    def __init__(self, app: Callable, allowed_origins: list[str]):
+        self.app = app
+        self.any_origin = "*" in allowed_origins
+        self.allowed_origins = frozenset(allowed_origins)
+
+    def __call__(self, environ: dict, start_response: Callable):
+        origin = environ.get("HTTP_ORIGIN")
+        if not origin or not (self.any_origin or origin in self.allowed_origins):
+            return self.app(environ, start_response)
+        cors = [("Access-Control-Allow-Origin", "*" if self.any_origin else origin),
+                ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                ("Access-Control-Allow-Headers", "Authorization, Content-Type, Accept"),
+                ("Access-Control-Max-Age", "600")]
+        if not self.any_origin:
+            cors.append(("Vary", "Origin"))
+
+        def start_with_cors(status: str, headers: list, exc_info=None):
+            return start_response(status, [*headers, *cors], exc_info)
+
+        return self.app(environ, start_with_cors)
 
 
 def _outcome(status: int, message: str, code: str):

@@ -317,6 +317,17 @@ def test_unknown_service_and_feedback_need_authentication_first(env):
     assert_bare_401(service.post(SERVICE + "/feedback", {"feedback": []}))
 
 
+def test_every_cds_hooks_route_needs_a_token(env):
+    """Also a route added later: each one of the blueprint must be @authenticated."""
+    service = env.service()
+    routes = [rule for rule in service.app.url_map.iter_rules() if rule.endpoint.startswith("cds_hooks.")]
+    assert len(routes) >= 3
+    for rule in routes:
+        path = rule.build(dict.fromkeys(rule.arguments, "crs-icans-assessment"))[1]
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert_bare_401(requests.request(method, service.base + path, json={}, timeout=10))
+
+
 def test_cors_preflight_needs_no_token_and_a_401_carries_cors_headers(env):
     service = env.service()
     origin = "https://sandbox.cds-hooks.org"

@@ -439,3 +439,22 @@ def test_cors_preflight_needs_no_credentials(service):
     assert answer.headers["Access-Control-Allow-Origin"] in ("*", "https://sandbox.cds-hooks.org")
     allowed = answer.headers["Access-Control-Allow-Headers"].lower()
     assert "authorization" in allowed and "content-type" in allowed
+
+
+SANDBOX = "https://sandbox.cds-hooks.org"
+
+
+def test_cors_headers_go_to_allowed_origins_only_and_on_errors_too(serve_app, tmp_path, now):
+    service = serve_app(create_app(Settings(feedback_db=str(tmp_path / "feedback.sqlite3"), auth_enabled=False,
+                                            cors_origins=[SANDBOX])))
+    call = hook_request(by_name("no-iec-therapy"), now)
+    answered = service.post("/cds-services/crs-icans-assessment", call, headers={"Origin": SANDBOX})
+    assert answered.status_code == 200 and answered.json() == {"cards": []}
+    assert answered.headers["Access-Control-Allow-Origin"] == SANDBOX and answered.headers["Vary"] == "Origin"
+    for path in ("/cds-services/nope", "/no-such-path"):  # a 404 from the service and one from Flask
+        refused = service.post(path, call, headers={"Origin": SANDBOX})
+        assert refused.status_code == 404 and refused.headers["Access-Control-Allow-Origin"] == SANDBOX
+    for headers in ({"Origin": "https://elsewhere.example"}, {}):
+        plain = service.post("/cds-services/crs-icans-assessment", call, headers=headers)
+        assert plain.status_code == 200
+        assert not any(name.lower().startswith("access-control-") for name in plain.headers)

@@ -1,7 +1,7 @@
 """The HTTP edge: discovery, service calls and feedback, with errors mapped to statuses here only.
 
-Every route of the blueprint first authenticates the CDS client (``auth.Authenticator``; CORS
-preflight OPTIONS excepted); a failure is a bare 401.
+Every route of the blueprint is ``@authenticated``: the CDS client first (``auth.Authenticator``;
+CORS preflight OPTIONS excepted), a failure is a bare 401.
 """
 from __future__ import annotations
 
@@ -10,18 +10,22 @@ import logging
 import re
 import time
 from datetime import datetime, timezone
-from functools import lru_cache
-from typing import Callable
+from functools import lru_cache, wraps
+from typing import TYPE_CHECKING, Callable
 
 import jsonschema
 import jsonschema_rs
-from flask import Blueprint, Request, Response, current_app, g, request
+from flask import Blueprint, Request, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
 from ..fhir.prefetch import resolve_prefetch
 from .openapi import load_schema_file
+from .auth import AuthenticatedClient
 from .registry import SERVICES, SERVICES_BY_ID, HookCall, out_of_scope, prefetch_cutoffs, prefetch_templates
+
+if TYPE_CHECKING:
+    from ..app import ServiceState
 
 log = logging.getLogger("crs_cds.hooks")
 
@@ -154,16 +158,26 @@ def _service_error(error: ServiceError):
     return json_response(operation_outcome(error), error.status)
 
 
-@blueprint.before_request
-def _authenticate():
-    if request.method == "OPTIONS":  # CORS preflight: browsers send it without credentials
-        return
-    g.cds_client = current_app.config["CRS_CDS"].auth.authenticate(request)
+def authenticated(view: Callable[..., Response]) -> Callable[..., Response]:
+    """A route for CDS clients: the client authenticated first (a failure is a bare 401), then
+    ``view(state, req, client, **route_args)`` with the service's state, the request object and the
+    verified client (None when auth is off). Flask answers CORS preflight OPTIONS itself, without
+    the view: browsers send it without credentials.
+
+    Why not a before_request hook: the request and the app are read once here, not through
+    Flask's proxies at each use (every read is a context lookup, ~3 us in a 0.2 ms call)."""
+    @wraps(view)
+    def view_for_an_authenticated_client(**route_args):
+        state = current_app._get_current_object().config["CRS_CDS"]
+        req = request._get_current_object()
+        return view(state, req, state.auth.authenticate(req), **route_args)
+
+    return view_for_an_authenticated_client
 
 
 @blueprint.get("/cds-services")
-def discovery():
-    state = current_app.config["CRS_CDS"]
+@authenticated
+def discovery(state: ServiceState, req: Request, client: AuthenticatedClient | None):
     return json_response({"services": state.discovery})
 
 
@@ -187,18 +201,15 @@ def context_check(hook: str) -> SchemaCheck:
 
 
 @blueprint.post("/cds-services/<service_id>")
-def call_service(service_id: str):
+@authenticated
+def call_service(state: ServiceState, req: Request, client: AuthenticatedClient | None, service_id: str):
     started = time.perf_counter()
-    state = current_app.config["CRS_CDS"]
-    client = g.get("cds_client")  # the verified JWT's client; None when auth is off
     service = SERVICES_BY_ID.get(service_id)
     outcome, cards, notes = "error", [], {}
     try:
         if service is None:
             raise NotFound(f"no CDS service {service_id!r}")
-        # The request object itself, not the proxy: each attribute read through ``request`` costs
-        # a context lookup (~1 us).
-        body = _read_json(request._get_current_object(), state.settings.max_body_bytes)
+        body = _read_json(req, state.settings.max_body_bytes)
         hook_instance = body.get("hookInstance")
         notes["hookInstance"] = _short(hook_instance, 100) if isinstance(hook_instance, str) else None
         validate_hook_request(body, service.hook)
@@ -250,11 +261,11 @@ def log_call_line(line: str) -> None:
 
 
 @blueprint.post("/cds-services/<service_id>/feedback")
-def feedback(service_id: str):
-    state = current_app.config["CRS_CDS"]
+@authenticated
+def feedback(state: ServiceState, req: Request, client: AuthenticatedClient | None, service_id: str):
     if service_id not in SERVICES_BY_ID:
         raise NotFound(f"no CDS service {service_id!r}")
-    body = _read_json(request._get_current_object(), state.settings.max_body_bytes)
+    body = _read_json(req, state.settings.max_body_bytes)
     problem = _first_error(schema_check("feedback"), body, "feedback")
     if problem:
         raise BadRequest(problem)
