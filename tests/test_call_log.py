@@ -35,9 +35,26 @@ def signed(aud: str) -> str:
                       algorithm="ES384", headers={"kid": "k1", "typ": "JWT"})
 
 
+LINE_KEYS = ["event", "service", "hookInstance", "iss", "outcome", "ms", "cards", "grades", "sources", "scope",
+             "lenient", "reason"]
+
+
 def hook_call_lines(caplog) -> list[dict]:
-    return [json.loads(r.getMessage()) for r in caplog.records
-            if r.name == "crs_cds.hooks" and '"event": "hook-call"' in r.getMessage()]
+    texts = [r.getMessage() for r in caplog.records
+             if r.name == "crs_cds.hooks" and '"event": "hook-call"' in r.getMessage()]
+    lines = [json.loads(text) for text in texts]
+    for text, line in zip(texts, lines):
+        assert text == json.dumps(line) and list(line) == LINE_KEYS  # json.dumps's own text, every key
+    return lines
+
+
+@pytest.mark.parametrize("value", ["plain", 'a "quote", a \\ and a\nnewline', "caf\u00e9 \u2014 \U0001f600", "\udc00",
+                                   None, [], ["crsGrade", "icansGrade"], {"crs": 3, "icans": 1},
+                                   {"medications": "prefetch"}, 7.25, 3, True, [None, {"a": [1.0]}]])
+def test_each_value_of_the_line_is_written_as_json_dumps_writes_it(value):
+    from cds_service.hooks.api import _json
+
+    assert _json(value) == json.dumps(value)
 
 
 def patient_strings(now: datetime) -> list[str]:

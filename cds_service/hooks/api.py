@@ -32,7 +32,8 @@ log = logging.getLogger("crs_cds.hooks")
 blueprint = Blueprint("cds_hooks", __name__)
 NO_CARDS = '{"cards":[]}'
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: json.dumps with options makes one a call
-_LINE_ENCODER = json.JSONEncoder()  # the log line: json.dumps's output, without its argument checks
+_LINE_ENCODER = json.JSONEncoder()  # the log line's values: json.dumps's text, without its argument checks
+_json_string = json.encoder.encode_basestring_ascii  # what that encoder does for a str
 
 
 @lru_cache(maxsize=None)
@@ -214,7 +215,7 @@ def call_service(state: ServiceState, req: Request, client: AuthenticatedClient 
         notes["hookInstance"] = _short(hook_instance, 100) if isinstance(hook_instance, str) else None
         validate_hook_request(body, service.hook)
         allowed = state.auth.fhir_server_allowed(body.get("fhirServer"), client)
-        now = datetime.now(timezone.utc).replace(microsecond=0)
+        now = datetime.fromtimestamp(int(time.time()), timezone.utc)  # whole seconds (replace() costs 3 us)
         unconcerned = out_of_scope(service, body, state.templates, now, state.protocol, state.terminology)
         if unconcerned is not None:  # most chart opens: answered from one key, before the others
             notes.update(scope=unconcerned, sources={service.scope_key: "prefetch"})
@@ -243,15 +244,26 @@ def call_service(state: ServiceState, req: Request, client: AuthenticatedClient 
 
 def _log_call(write_line: Callable[[str], None], service_id: str, client, started: float, outcome: str,
               cards: list[dict], notes: dict) -> None:
-    line = _LINE_ENCODER.encode({
-        "event": "hook-call", "service": service_id, "hookInstance": notes.get("hookInstance"),
-        "iss": client.iss if client is not None else None,
-        "outcome": outcome, "ms": round((time.perf_counter() - started) * 1000, 1),
-        "cards": [c["source"]["topic"]["code"] for c in cards], "grades": notes.get("grades"),
-        "sources": notes.get("sources"), "scope": notes.get("scope"), "lenient": notes.get("lenient"),
-        "reason": notes.get("reason"),
-    })
-    write_line(line)
+    """The call's line: the text json.dumps gives the object of these keys in this order, written
+    value by value (~41k instructions in an out-of-scope call, against ~53k to encode one dict)."""
+    write_line(
+        f'{{"event": "hook-call", "service": {_json(service_id)}, "hookInstance": {_json(notes.get("hookInstance"))}, '
+        f'"iss": {_json(client.iss if client is not None else None)}, "outcome": {_json(outcome)}, '
+        f'"ms": {round((time.perf_counter() - started) * 1000, 1)!r}, '  # a finite float: repr is json's text
+        f'"cards": {_json([card["source"]["topic"]["code"] for card in cards])}, "grades": {_json(notes.get("grades"))}, '
+        f'"sources": {_json(notes.get("sources"))}, "scope": {_json(notes.get("scope"))}, '
+        f'"lenient": {_json(notes.get("lenient"))}, "reason": {_json(notes.get("reason"))}}}')
+
+
+def _json(value) -> str:
+    """json.dumps's text of one value; a string, None or the empty list without the encoder's set-up."""
+    if type(value) is str:
+        return _json_string(value)
+    if value is None:
+        return "null"
+    if value == []:
+        return "[]"
+    return _LINE_ENCODER.encode(value)
 
 
 def log_call_line(line: str) -> None:
