@@ -122,19 +122,27 @@ def _read_json(req: Request, limit: int) -> dict:
         raise BadRequest("request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
-    if _escapes_a_surrogate(raw) and _has_lone_surrogate(body):
-        # JSON lets "\ud800" through; no UTF-8 text (the database, the response) can hold it.
-        raise BadRequest("request body is not valid JSON text: an escaped UTF-16 surrogate without its pair")
+    if _may_hold_a_surrogate(raw) and _has_lone_surrogate(body):
+        # json.loads lets one through; no UTF-8 text (the database, the response) can hold it.
+        raise BadRequest("request body is not valid JSON text: a UTF-16 surrogate without its pair")
     return body
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_ENCODED_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")  # U+D800-DFFF in UTF-8's pattern
 
 
-def _escapes_a_surrogate(raw: bytes) -> bool:
-    """Whether an escape in this (valid) JSON text is of a UTF-16 surrogate. Each backslash is
-    found with ``find`` (memchr); a regular-expression search reads the text byte by byte, some
-    30,000 instructions for a 6 KB request."""
+def _may_hold_a_surrogate(raw: bytes) -> bool:
+    """Whether this (valid) JSON text may hold a UTF-16 surrogate, which json.loads lets through:
+    escaped ("\\ud800"), encoded as UTF-8 bytes (json.loads decodes bytes with "surrogatepass"),
+    or anywhere in a body in UTF-16 or UTF-32, which json.loads reads too.
+
+    Bytes are found with ``find`` (memchr), each backslash in turn: a regular-expression search
+    reads the text byte by byte, some 30,000 instructions for a 6 KB request."""
+    if raw.find(b"\x00", 0, 4) != -1:  # UTF-16 or -32: a JSON object's first character is ASCII
+        return True
+    if b"\xed" in raw and _ENCODED_SURROGATE.search(raw):
+        return True
     escape = raw.find(b"\\")
     while escape != -1:
         if _SURROGATE_ESCAPE.match(raw, escape):
@@ -214,7 +222,7 @@ def call_service(state: ServiceState, req: Request, client: AuthenticatedClient 
         notes["hookInstance"] = _short(hook_instance, 100) if isinstance(hook_instance, str) else None
         validate_hook_request(body, service.hook)
         allowed = state.auth.fhir_server_allowed(body.get("fhirServer"), client)
-        now = datetime.fromtimestamp(int(time.time()), timezone.utc)  # whole seconds (replace() costs 3 us)
+        now = datetime.fromtimestamp(time.time_ns() // 10**9, timezone.utc)  # whole seconds (replace() costs 3 us)
         unconcerned = out_of_scope(service, body, state.templates, now, state.protocol, state.terminology)
         if unconcerned is not None:  # most chart opens: answered from one key, before the others
             notes.update(scope=unconcerned, sources={service.scope_key: "prefetch"})
