@@ -378,7 +378,7 @@ def test_failed_observation_source_gives_an_at_least_grade_naming_it(service, no
     assert not any(s["label"].startswith("Record") for s in main.get("suggestions", []))
 
 
-LIMIT = 5 * 1024 * 1024  # Settings.max_body_bytes
+LIMIT = Settings().max_body_bytes  # the service fixture keeps the default
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])

@@ -110,9 +110,10 @@ def _read_json(req: Request, limit: int) -> dict:
         # Werkzeug refuses a Content-Length above the app's MAX_CONTENT_LENGTH (``limit`` + 1)
         # before reading, and cuts a chunked body there.
         raw = req.get_data(cache=False)
+        too_large = len(raw) > limit
     except RequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body larger than {limit} bytes") from None
-    if len(raw) > limit:
+        too_large = True
+    if too_large:
         raise PayloadTooLarge(f"request body larger than {limit} bytes")
     try:
         body = json.loads(raw)
