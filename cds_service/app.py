@@ -162,9 +162,6 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
 
     app = Flask(__name__)
     app.config["CRS_CDS"] = state
-    # One byte more than the limit: Werkzeug cuts a chunked body (no Content-Length) at this
-    # maximum without a word, so a body cut there is one the service sees as too long (hooks/api.py).
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     app.register_blueprint(blueprint)
     app.register_blueprint(openapi_blueprint)  # GET /openapi.json, no client JWT (why: hooks/openapi.py)
 

@@ -6,9 +6,10 @@ import copy
 import difflib
 import json
 import re
+import socket
 import uuid
 from datetime import datetime, timezone
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 import requests
@@ -394,6 +395,30 @@ def test_a_body_over_the_limit_is_413(service, size, status, chunked):
                            timeout=30, headers={"Content-Type": "application/json"})
     assert answer.status_code == status
     assert (f"larger than {LIMIT} bytes" in outcome_of(answer)) == (status == 413)
+
+
+def _status_before_the_body_ends(base: str, head: str, body: bytes = b"") -> int:
+    """Send a request's head and only part of its body, then read the answer's status: a server
+    that read on, waiting for the rest, would leave this socket's read to time out."""
+    address = urlsplit(base)
+    with socket.create_connection((address.hostname, address.port), timeout=15) as conn:
+        conn.sendall(head.encode("ascii") + body)
+        return int(conn.makefile("rb").readline().split()[1])
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_read(service):
+    head = ("POST /cds-services/crs-icans-assessment HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {LIMIT + 1024 * 1024}\r\n\r\n")
+    assert _status_before_the_body_ends(service.base, head, b"{") == 413
+
+
+def test_a_chunked_body_is_read_no_further_than_the_limit(service):
+    head = ("POST /cds-services/crs-icans-assessment HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b" " * (1024 * 1024)
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(LIMIT // len(chunk) + 1))
+    # More than the limit, and no closing chunk: the body never ends.
+    assert _status_before_the_body_ends(service.base, head, chunks) == 413
 
 
 @pytest.mark.parametrize("escaped, status", [

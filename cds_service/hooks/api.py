@@ -106,9 +106,11 @@ def operation_outcome(error: ServiceError) -> dict:
 
 
 def _read_json(req: Request, limit: int) -> dict:
+    # Werkzeug refuses a Content-Length above the request's limit before reading, and cuts a
+    # chunked body there without a word: one byte more, so that a body cut there shows as too
+    # long. Set on the request, not read from the app's config through Flask's proxies.
+    req.max_content_length = limit + 1
     try:
-        # Werkzeug refuses a Content-Length above the app's MAX_CONTENT_LENGTH (``limit`` + 1)
-        # before reading, and cuts a chunked body there.
         raw = req.get_data(cache=False)
         too_large = len(raw) > limit
     except RequestEntityTooLarge:
