@@ -4,7 +4,7 @@ fetch-and-parse of the same six queries, both in this process against the same s
     .venv/bin/python benchmarks/fetch_share.py [--rounds 12]
 
 The call goes through ``cds_service.wsgi:app`` (the Flask test client, no HTTP server in front);
-the bare fetch GETs each query exactly as the service sends it (``prefetch.only_since``) from six
+the bare fetch GETs each query exactly as the service sends it (``run.service_queries``) from six
 threads and parses the answers with ``json``. Rounds alternate; the medians are printed. What the
 call costs beyond the fetch is the service's own share of D; the rest is sekmet answering.
 """
@@ -37,11 +37,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import run
     import workloads
-    from cds_service.clinical.protocol import default_protocol
-    from cds_service.fhir.client import join_url
-    from cds_service.fhir.prefetch import only_since, render_template
-    from cds_service.hooks.registry import SERVICES_BY_ID, prefetch_cutoffs, prefetch_templates
-    from cds_service.terminology import load_terminology
     from cds_service.wsgi import app
 
     logging.getLogger().handlers[0].setStream(open(folder / "calls.log", "w", encoding="utf-8"))
@@ -51,13 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         now = datetime.now(timezone.utc)
         run.load_into_fhir(base_url, workloads.icu_transaction(now))
         workload = {w.name: w for w in workloads.build_workloads(now, base_url)}["D"]
-        service = SERVICES_BY_ID[workload.url_path.rsplit("/", 1)[-1]]
-        templates = prefetch_templates(load_terminology())
-        cutoffs = prefetch_cutoffs(default_protocol(), now.replace(microsecond=0))
-        urls = []
-        for key in service.prefetch_keys:
-            query = render_template(templates[key], {"patientId": workloads.ICU_PATIENT})
-            urls.append(join_url(base_url, only_since(query, cutoffs[key]) if key in cutoffs else query))
+        urls = list(run.service_queries(base_url, workload.body["context"], now).values())
         session = requests.Session()
         session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=len(urls)))
         client = app.test_client()

@@ -665,34 +665,42 @@ def measure_workloads(generator, results: Results, service: Gunicorn, reference:
                 f"{_answers([last])}, at 1: {_answers(entry.single[-1:])}")
 
 
-def time_fhir_queries(base_url: str, context: dict, repeats: int) -> tuple[list[QueryTiming], float]:
-    """Each FHIR query of a no-prefetch patient-view (its discovery templates rendered for the
-    patient), GET ``repeats`` times in a row with nothing else running. The service follows a
-    ``next`` link only when the first page does not reach back far enough; the table says whether
-    there was one.
-
-    Then all of them at once, ``repeats`` times, from one thread each and parsed with ``json``, as
-    the service fetches them but with nothing else: the median is the least any client could take
-    for D on this machine, where the queries share sekmet's CPUs with each other."""
-    import requests
-
+def service_queries(base_url: str, context: dict, now: datetime) -> dict[str, str]:
+    """The URLs of a no-prefetch patient-view's FHIR queries, exactly as the service sends them:
+    its discovery templates rendered for the patient, and its own Observation searches stopped at
+    the cutoff of what the rules read (prefetch.only_since)."""
     from cds_service.clinical.protocol import default_protocol
-    from cds_service.fhir.client import join_url, next_link
+    from cds_service.fhir.client import join_url
     from cds_service.fhir.prefetch import only_since, render_template
     from cds_service.hooks.registry import SERVICES_BY_ID, prefetch_cutoffs, prefetch_templates
     from cds_service.terminology import load_terminology
     from workloads import PATIENT_VIEW
 
     templates = prefetch_templates(load_terminology())
-    # The queries exactly as the service sends them: its own Observation searches stop at the
-    # cutoff of what the rules read (prefetch.only_since).
-    cutoffs = prefetch_cutoffs(default_protocol(), datetime.now(timezone.utc).replace(microsecond=0))
+    cutoffs = prefetch_cutoffs(default_protocol(), now.replace(microsecond=0))
+    urls = {}
+    for key in SERVICES_BY_ID[PATIENT_VIEW].prefetch_keys:
+        query = render_template(templates[key], context)
+        urls[key] = join_url(base_url, only_since(query, cutoffs[key]) if key in cutoffs else query)
+    return urls
+
+
+def time_fhir_queries(base_url: str, context: dict, repeats: int) -> tuple[list[QueryTiming], float]:
+    """Each of the service's FHIR queries in D (``service_queries``), GET ``repeats`` times in a
+    row with nothing else running. The service follows a ``next`` link only when the first page
+    does not reach back far enough; the table says whether there was one.
+
+    Then all of them at once, ``repeats`` times, from one thread each and parsed with ``json``, as
+    the service fetches them but with nothing else: the median is the least any client could take
+    for D on this machine, where the queries share sekmet's CPUs with each other."""
+    import requests
+
+    from cds_service.fhir.client import next_link
+
+    urls = service_queries(base_url, context, datetime.now(timezone.utc))
     timings: list[QueryTiming] = []
-    urls: list[str] = []
     with requests.Session() as session:
-        for key in SERVICES_BY_ID[PATIENT_VIEW].prefetch_keys:
-            query = render_template(templates[key], context)
-            url = join_url(base_url, only_since(query, cutoffs[key]) if key in cutoffs else query)
+        for key, url in urls.items():
             samples, body = [], {}
             for attempt in range(repeats + 1):  # the first GET warms sekmet up and is not counted
                 started = time.perf_counter()
@@ -706,7 +714,6 @@ def time_fhir_queries(base_url: str, context: dict, repeats: int) -> tuple[list[
             is_bundle = body.get("resourceType") == "Bundle"
             timings.append(QueryTiming(key, len(body.get("entry") or []) if is_bundle else 1,
                                        statistics.median(samples), bool(is_bundle and next_link(body))))
-            urls.append(url)
         session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=len(urls)))
 
         def fetch(url: str) -> dict:
@@ -716,7 +723,7 @@ def time_fhir_queries(base_url: str, context: dict, repeats: int) -> tuple[list[
         with ThreadPoolExecutor(len(urls)) as pool:
             for attempt in range(repeats + 1):  # the first round opens the connections
                 started = time.perf_counter()
-                list(pool.map(fetch, urls))
+                list(pool.map(fetch, urls.values()))
                 if attempt:
                     together.append((time.perf_counter() - started) * 1000)
     return timings, statistics.median(together)
