@@ -440,6 +440,30 @@ def test_escaped_surrogates_are_refused_only_when_unpaired(service, now, escaped
         assert answer.json() == {"cards": []}
 
 
+LONE_SURROGATE_IN_UTF8 = b"\xed\xa0\x80"  # U+D800 as UTF-8 would write it; json.loads reads it
+
+
+@pytest.mark.parametrize("path, text, encoding, status", [
+    ("", LONE_SURROGATE_IN_UTF8, "utf-8", 400),
+    ("/feedback", LONE_SURROGATE_IN_UTF8, "utf-8", 400),
+    ("", r"\ud800".encode("utf-16-le"), "utf-16-le", 400),  # an escape in a UTF-16 body
+    ("/feedback", r"\ud800".encode("utf-16-le"), "utf-16-le", 400),
+    ("", "\ud55c".encode("utf-8"), "utf-8", 200),            # Hangul: the same lead byte, not a surrogate
+    ("", "\ud55c".encode("utf-16-le"), "utf-16-le", 200),
+])
+def test_surrogates_written_as_bytes_or_in_utf16_are_refused_too(service, now, path, text, encoding, status):
+    if path == "/feedback":
+        body = {"feedback": [{"card": "c-MARK", "outcome": "accepted", "outcomeTimestamp": "2026-11-21T12:00:00Z"}]}
+    else:
+        body = hook_request(by_name("no-iec-therapy"), now)
+        body["hookInstance"] = "h-MARK"
+    before, _, after = json.dumps(body).encode(encoding).partition("MARK".encode(encoding))
+    answer = service.post("/cds-services/crs-icans-assessment" + path, before + text + after)
+    assert answer.status_code == status, answer.text
+    if status == 400:
+        assert "surrogate without its pair" in outcome_of(answer)
+
+
 # ---- Feedback and CORS -----------------------------------------------------------------------------
 
 def test_feedback_is_stored_and_duplicates_ignored(service, now):
@@ -464,31 +488,6 @@ def test_cors_preflight_needs_no_credentials(service):
     assert answer.headers["Access-Control-Allow-Origin"] in ("*", "https://sandbox.cds-hooks.org")
     allowed = answer.headers["Access-Control-Allow-Headers"].lower()
     assert "authorization" in allowed and "content-type" in allowed
-
-
-
-LONE_SURROGATE_IN_UTF8 = b"\xed\xa0\x80"  # U+D800 as UTF-8 would write it; json.loads reads it
-
-
-@pytest.mark.parametrize("path, text, encoding, status", [
-    ("", LONE_SURROGATE_IN_UTF8, "utf-8", 400),
-    ("/feedback", LONE_SURROGATE_IN_UTF8, "utf-8", 400),
-    ("", r"\ud800".encode("utf-16-le"), "utf-16-le", 400),  # an escape in a UTF-16 body
-    ("/feedback", r"\ud800".encode("utf-16-le"), "utf-16-le", 400),
-    ("", "\ud55c".encode("utf-8"), "utf-8", 200),            # Hangul: the same lead byte, not a surrogate
-    ("", "\ud55c".encode("utf-16-le"), "utf-16-le", 200),
-])
-def test_surrogates_written_as_bytes_or_in_utf16_are_refused_too(service, now, path, text, encoding, status):
-    if path == "/feedback":
-        body = {"feedback": [{"card": "c-MARK", "outcome": "accepted", "outcomeTimestamp": "2026-11-21T12:00:00Z"}]}
-    else:
-        body = hook_request(by_name("no-iec-therapy"), now)
-        body["hookInstance"] = "h-MARK"
-    before, _, after = json.dumps(body).encode(encoding).partition("MARK".encode(encoding))
-    answer = service.post("/cds-services/crs-icans-assessment" + path, before + text + after)
-    assert answer.status_code == status, answer.text
-    if status == 400:
-        assert "surrogate without its pair" in outcome_of(answer)
 
 
 SANDBOX = "https://sandbox.cds-hooks.org"
