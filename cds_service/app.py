@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import tzinfo
 from typing import Any, Callable, Mapping
 
 from flask import Flask, request
@@ -17,7 +18,7 @@ from .hooks.api import log as hooks_log
 from .hooks.auth import Authenticator
 from .hooks.openapi import openapi_blueprint
 from .settings import Settings
-from .terminology import load_terminology
+from .site import Site
 
 log = logging.getLogger("crs_cds")
 
@@ -29,6 +30,7 @@ class ServiceState:
     settings: Settings
     protocol: Protocol
     terminology: Any
+    zone: tzinfo            # the site's time zone (settings.time_zone)
     templates: dict[str, str]
     discovery: list[dict]
     fhir_client: FhirClient
@@ -148,17 +150,13 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     without it the line goes through logging (logger ``crs_cds.hooks``)."""
     settings = config if isinstance(config, Settings) else Settings.load(**dict(config or {}))
     auth = Authenticator.from_settings(settings)  # first: a bad trust configuration stops start-up
-    terminology = load_terminology(tuple(settings.terminology_dirs))
-    templates = prefetch_templates(terminology)
-    state = ServiceState(settings, Protocol.load(settings.protocol_file), terminology, templates,
+    site = Site.from_settings(settings)
+    templates = prefetch_templates(site.terminology)
+    state = ServiceState(settings, site.protocol, site.terminology, site.zone, templates,
                          discovery_document(templates), FhirClient(settings), FeedbackStore(settings.feedback_db),
                          auth, call_lines_to.writer_for(hooks_log, otherwise=log_call_line) if call_lines_to
                          else log_call_line)
-    # Import fhir.resources and compile the request schemas now, not on the first chart open.
-    from .clinical.facts import validation_error
-
-    validation_error({"resourceType": "Patient", "id": "warm-up"})
-    warm_up_schema_checks()
+    warm_up_schema_checks()  # compiled now, not on the first chart open
 
     app = Flask(__name__)
     app.config["CRS_CDS"] = state

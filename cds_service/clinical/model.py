@@ -96,6 +96,14 @@ class Facts:
     readings: list[Reading] = field(default_factory=list)
     drugs: list[DrugEvent] = field(default_factory=list)
     unreadable: list[Unreadable] = field(default_factory=list)
+    # How the chart was read, for the call log and the card: copies dropped, resources whose times
+    # had no zone (read in the site's), elements no rule reads that R4 does not have either.
+    duplicates: int = 0
+    zoneless: list[str] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)
+
+    def note_ignored(self, element: str) -> None:
+        self.ignored[element] = self.ignored.get(element, 0) + 1
 
     def of_kind(self, kind: str) -> list[Reading]:
         return [r for r in self.readings if r.kind == kind]

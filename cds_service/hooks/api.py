@@ -235,7 +235,7 @@ def call_service(state: ServiceState, req: Request, client: AuthenticatedClient 
         gathered = resolve_prefetch(templates, body, state.fhir_client, state.settings, set(service.required_keys),
                                     server_allowed=allowed, cutoffs=prefetch_cutoffs(state.protocol, now))
         call = HookCall(service, body, gathered.resources, gathered.failures, now,
-                        state.protocol, state.terminology)
+                        state.protocol, state.terminology, state.zone)
         cards = service.handler(call)
         state.feedback.remember_cards(service_id, body["hookInstance"],
                                       [(card["uuid"], card["source"]["topic"]["code"]) for card in cards])

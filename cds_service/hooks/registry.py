@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import Callable
 
 from ..clinical import assess, never_in_scope, no_iec_therapy_reason, out_of_scope_reason
-from ..clinical.facts import ICANS_CODES, content_memo
+from ..clinical.facts import ICANS_CODES
 from ..clinical.model import Assessment, Unreadable
 from ..clinical.orders import review_orders
 from ..clinical.protocol import Protocol
@@ -20,6 +20,7 @@ from ..fhir.bundle import BundleError, resources_in
 from ..fhir.prefetch import prefetched_only, search_content
 from ..terminology import IEC_TOXICITY, Terminology
 from .cards import assessment_cards, finding_cards
+from .memo import ContentMemo
 
 log = logging.getLogger("crs_cds.hooks")
 
@@ -44,6 +45,7 @@ class HookCall:
     now: datetime
     protocol: Protocol
     terminology: Terminology
+    zone: tzinfo
     notes: dict = field(default_factory=dict)  # for the call's log line
 
     @property
@@ -105,7 +107,7 @@ def prefetch_cutoffs(protocol: Protocol, now: datetime) -> dict[str, datetime]:
 
 
 def _assess_or_412(call: HookCall) -> Assessment:
-    assessment = assess(call.resources, call.now, call.protocol, call.terminology, call.unread)
+    assessment = assess(call.resources, call.now, call.protocol, call.terminology, call.unread, zone=call.zone)
     if not assessment.assessable:
         raise PreconditionFailed("the patient's medication administrations could not be read, so whether "
                                  "IEC therapy was given cannot be told: "
@@ -143,7 +145,7 @@ def out_of_scope(service: ServiceDeclaration, request: dict, templates: dict[str
 @lru_cache(maxsize=8)
 def _never_in_scope_memo(template: str, terminology: Terminology, in_scope_statuses: tuple[str, ...]):
     """One per everything ``never_in_scope`` depends on besides the key's content."""
-    return content_memo(size=5_000)
+    return ContentMemo(size=5_000)
 
 
 def patient_view(call: HookCall) -> list[dict]:
@@ -174,7 +176,7 @@ def order_select(call: HookCall) -> list[dict]:
 
 def _order_checks(call: HookCall, selections: list[str] | None) -> list[dict]:
     assessment, findings = review_orders(_draft_resources(call), call.resources, call.now, selections,
-                                         call.protocol, call.terminology, call.unread)
+                                         call.protocol, call.terminology, call.unread, zone=call.zone)
     if not assessment.assessable:
         raise PreconditionFailed("the patient's medication administrations could not be read")
     call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
