@@ -266,14 +266,20 @@ def test_unfillable_template_is_412_when_required_and_a_failure_otherwise(fhir_s
     assert "cannot be filled" in result.failures[0].reason and result.failures[0].source == "Encounter"
 
 
-def test_resources_are_deduplicated_across_keys(client):
+def test_resources_repeated_across_keys_are_read_once(client):
+    """Every key's resources are passed on; the reading, which every path shares, keeps each once."""
+    from cds_service.clinical.facts import unique_resources
+
     patient = {"resourceType": "Patient", "id": "123"}
     templates = dict(TEMPLATES, everything="Observation?patient={{context.patientId}}")
     prefetch = {"patient": patient,
                 "temperatures": _searchset([_temp(1), _temp(2)]),
                 "everything": _searchset([_temp(2), _temp(3), patient])}
     result = resolve_prefetch(templates, _request(prefetch=prefetch), client, SETTINGS)
-    assert _ids(result) == ["Patient/123", "Observation/123-t1", "Observation/123-t2", "Observation/123-t3"]
+    unique, dropped = unique_resources(result.resources)
+    assert [f"{r['resourceType']}/{r['id']}" for r in unique] == [
+        "Patient/123", "Observation/123-t1", "Observation/123-t2", "Observation/123-t3"]
+    assert dropped == 2
 
 
 # ---- Paging stops once a newest-first page reaches back far enough --------------------------------

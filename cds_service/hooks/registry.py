@@ -90,7 +90,9 @@ def prefetch_templates(terminology: Terminology) -> dict[str, str]:
         wanted = codes(valuesets) + ([f"{IEC_TOXICITY}|{c}" for c in ICANS_CODES] if key == "assessments" else [])
         templates[key] = (f"Observation?patient={{{{context.patientId}}}}&code={','.join(wanted)}"
                           f"&_sort=-date&_count={PAGE_SIZES[key]}")
-    templates["medications"] = "MedicationAdministration?patient={{context.patientId}}&_count=500"
+    # Medications named by reference come with their administrations where the server supports it.
+    templates["medications"] = ("MedicationAdministration?patient={{context.patientId}}"
+                                "&_include=MedicationAdministration:medication&_count=500")
     return templates
 
 
