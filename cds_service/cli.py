@@ -24,35 +24,98 @@ def _now(text: str | None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def _protocol(path: str | None):
-    from .clinical.protocol import Protocol, ProtocolError
-
-    try:
-        return Protocol.load(path)
-    except ProtocolError as exc:
-        raise CliError(str(exc)) from None
-
-
 def cmd_grade(args: argparse.Namespace) -> int:
+    """Grade one patient from a file, read as the service reads a hook call: a FHIR Bundle or
+    NDJSON (its resources, each once; a next page or a failed search in it makes the grades
+    "at least"), or a CDS Hooks request (its prefetch, and its fhirServer for what is missing)."""
     from .clinical import assess
     from .clinical.report import as_text
-    from .fhir.bundle import BundleError, parse_resources_text
+    from .fhir.bundle import BundleError, parse_json_text
 
     path = Path(args.file)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    settings = _settings(args.config)
+    if args.protocol:
+        settings.protocol_file = args.protocol
+    site = _site(settings)
+    now = _now(args.now)
     try:
-        resources = parse_resources_text(text)
+        data = parse_json_text(text)
+        if _is_hook_request(data):
+            resources, unread = _hook_request_resources(data, site, settings, now)
+        else:
+            resources, unread = _file_resources(data, path.name)
     except BundleError as exc:
         raise CliError(f"{path}: {exc}") from None
-    assessment = assess(resources, _now(args.now), _protocol(args.protocol))
+    assessment = assess(resources, now, site.protocol, site.terminology, unread, zone=site.zone)
     if args.json:
         print(json.dumps(assessment.to_json(), indent=2, ensure_ascii=False))
     else:
         print(as_text(assessment))
     return 0
+
+
+def _is_hook_request(data) -> bool:
+    return isinstance(data, dict) and "resourceType" not in data and "hook" in data and "context" in data
+
+
+def _file_resources(data, name: str):
+    from .clinical.model import Unreadable
+    from .fhir.bundle import SearchContents, search_contents, searched_type
+
+    contents = SearchContents(data, False, None) if isinstance(data, list) else search_contents(data)
+    source = searched_type(data)
+    unread = []
+    if contents.failed:
+        unread.append(Unreadable(f"file:{name}", "it holds an error OperationOutcome: a search in it failed", source))
+    if contents.next_url:
+        unread.append(Unreadable(f"file:{name}", "the Bundle has further pages (a next link) that were not read",
+                                 source))
+    return contents.resources, unread
+
+
+def _hook_request_resources(request: dict, site, settings, now: datetime):
+    """The patient-view service's reading of a hook request: its scope shortcut, prefetch keys,
+    fetches from the request's fhirServer, and 412 when required data cannot be had."""
+    from .errors import PreconditionFailed
+    from .fhir.client import FhirClient
+    from .fhir.prefetch import prefetched_only
+    from .hooks.registry import SERVICES, gather, prefetch_templates
+
+    service = next(s for s in SERVICES if s.hook == "patient-view")
+    templates = prefetch_templates(site.terminology)
+    try:
+        call = gather(service, request, templates, now, site.protocol, site.terminology, site.zone,
+                      FhirClient(settings), settings)
+    except PreconditionFailed as exc:
+        raise CliError(f"required data cannot be had (a service answers 412): {exc.message}") from None
+    if isinstance(call, str):  # out of scope by the medications alone: grade those
+        key = service.scope_key
+        return prefetched_only({key: templates[key]}, request) or [], []
+    return call.resources, call.unread
+
+
+def _settings(path: str | None):
+    from .settings import Settings, SettingsError
+
+    try:
+        return Settings.load(path)
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _site(settings):
+    from .clinical.protocol import ProtocolError
+    from .settings import SettingsError
+    from .site import Site
+
+    try:
+        return Site.from_settings(settings)
+    except (ProtocolError, SettingsError, FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_scenarios_write(args: argparse.Namespace) -> int:
@@ -75,15 +138,6 @@ def cmd_scenarios_list(args: argparse.Namespace) -> int:
         print(f"{scenario.name:40} CRS {str(scenario.expected_crs):4} ICANS {str(scenario.expected_icans):4} "
               f"{scenario.title}")
     return 0
-
-
-def _settings(path: str | None):
-    from .settings import Settings, SettingsError
-
-    try:
-        return Settings.load(path)
-    except SettingsError as exc:
-        raise CliError(str(exc)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -154,11 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crs-cds", description="CRS/ICANS (ASTCT) grading and CDS Hooks service")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    grade = commands.add_parser("grade", help="grade one patient from a FHIR Bundle or NDJSON file")
+    grade = commands.add_parser("grade", help="grade one patient from a FHIR Bundle, NDJSON or a hook request file")
     grade.add_argument("file")
     grade.add_argument("--now", help="assessment time, ISO 8601 (default: the current time)")
     grade.add_argument("--json", action="store_true", help="print the assessment as JSON")
-    grade.add_argument("--protocol", help="a site protocol file overriding the default protocol")
+    grade.add_argument("--protocol", help="a site protocol file (overrides the settings' protocol_file)")
+    grade.add_argument("--config", help="a JSON settings file, as the service's (default: CRS_CDS_CONFIG)")
     grade.set_defaults(handler=cmd_grade)
 
     scenarios = commands.add_parser("scenarios", help="the built-in clinical scenario library")

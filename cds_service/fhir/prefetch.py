@@ -25,8 +25,8 @@ from urllib.parse import quote
 from cds_service.clinical.fhir_read import UnreadableValue, parse_datetime, referenced_medication
 from cds_service.clinical.model import Unreadable
 from cds_service.errors import PreconditionFailed
-from cds_service.fhir.bundle import BundleError, resources_in
-from cds_service.fhir.client import FetchOutcome, FhirClient, is_error_outcome, next_link, resource_type_of
+from cds_service.fhir.bundle import BundleError, search_contents
+from cds_service.fhir.client import FetchOutcome, FhirClient, next_link, resource_type_of
 
 _TOKEN = re.compile(r"\{\{(.*?)\}\}")
 _USER_TOKENS = {
@@ -307,21 +307,19 @@ def _use_prefetched(key: _Key, value: Any) -> None:
         key.resources = [value]
         return
     try:
-        found = resources_in(value)
+        contents = search_contents(value)
     except BundleError:
         key.failure = "prefetched Bundle is malformed"
         _plan_fetch(key)
         return
-    outcomes = [r for r in found if r["resourceType"] == "OperationOutcome"]
-    if any(is_error_outcome(o) for o in outcomes):
+    if contents.failed:
         key.failure = "the CDS client's prefetch failed (OperationOutcome in the Bundle)"
         _plan_fetch(key)
         return
-    key.resources = [r for r in found if r["resourceType"] != "OperationOutcome"]
-    next_url = next_link(value)
-    if next_url is not None:
+    key.resources = contents.resources
+    if contents.next_url is not None:
         key.failure = "prefetched Bundle has more pages"
-        key.fetch, key.continuation = next_url, True
+        key.fetch, key.continuation = contents.next_url, True
 
 
 def _plan_fetch(key: _Key) -> None:

@@ -17,7 +17,8 @@ from ..clinical.orders import review_orders
 from ..clinical.protocol import Protocol
 from ..errors import BadRequest, PreconditionFailed
 from ..fhir.bundle import BundleError, resources_in
-from ..fhir.prefetch import prefetched_only, search_content
+from ..fhir.client import FhirClient
+from ..fhir.prefetch import prefetched_only, resolve_prefetch, search_content
 from ..terminology import IEC_TOXICITY, Terminology
 from .cards import assessment_cards, finding_cards
 from .memo import ContentMemo
@@ -148,6 +149,23 @@ def out_of_scope(service: ServiceDeclaration, request: dict, templates: dict[str
 def _never_in_scope_memo(template: str, terminology: Terminology, in_scope_statuses: tuple[str, ...]):
     """One per everything ``never_in_scope`` depends on besides the key's content."""
     return ContentMemo(size=5_000)
+
+
+def gather(service: ServiceDeclaration, request: dict, templates: dict[str, str], now: datetime,
+           protocol: Protocol, terminology: Terminology, zone: tzinfo, client: FhirClient, settings,
+           server_allowed: bool = True) -> HookCall | str:
+    """The hook call with its FHIR data gathered (prefetch, then fetches), or why the patient is
+    out of scope when the scope key alone shows it. The one way a hook request is read, by the
+    service and by ``crs-cds grade``. Raises PreconditionFailed when required data cannot be had."""
+    unconcerned = out_of_scope(service, request, templates, now, protocol, terminology)
+    if unconcerned is not None:  # most chart opens: answered from one key, before the others
+        return unconcerned
+    wanted = {key: templates[key] for key in service.prefetch_keys}
+    gathered = resolve_prefetch(wanted, request, client, settings, set(service.required_keys),
+                                server_allowed=server_allowed, cutoffs=prefetch_cutoffs(protocol, now))
+    call = HookCall(service, request, gathered.resources, gathered.failures, now, protocol, terminology, zone)
+    call.notes["sources"] = gathered.sources
+    return call
 
 
 def patient_view(call: HookCall) -> list[dict]:
