@@ -11,7 +11,8 @@ states the grades ASTCT 2019 and decisions.md give it. Every fixture is graded:
 - ``fetch``: the service over real HTTP with no prefetch and ``fhirServer`` = sekmet.
 
 sekmet validates what it stores, so the two shapes it refuses (a time with no zone, an STU3
-element) are served as sent by a small search server instead; the fixture says so ("servedAsSent").
+element) are served as sent by a small search server instead, which also plays a server whose pages
+overlap (sekmet's never do); the fixture says so ("servedAsSent").
 
 The service reads the real clock, so for the HTTP modes every FHIR dateTime/instant of the fixture
 is moved by (real now - the fixture's "now"), each string keeping its own form (Z, an offset, or no
@@ -420,8 +421,9 @@ class AsSentServer:
     the EHR sent them, for shapes sekmet refuses to store (it validates): reads by id, and the
     searches the templates make (patient, code list), newest first, in one page."""
 
-    def __init__(self, local_http, resources: list[dict]):
+    def __init__(self, local_http, resources: list[dict], page_sizes: dict[str, int] | None = None):
         self.resources = {(r["resourceType"], r["id"]): r for r in resources}
+        self.page_sizes = page_sizes or {}  # per type: pages of that size, each overlapping the last by one
         self.server = local_http(self._answer)
         self.base_url = self.server.base_url
 
@@ -444,17 +446,26 @@ class AsSentServer:
                 and (codes is None or codes & set(codeable_codes(r.get("code"))))]
         hits.sort(key=lambda r: r.get("effectiveDateTime") or (r.get("effectivePeriod") or {}).get("start") or "",
                   reverse=True)
-        return 200, {"resourceType": "Bundle", "type": "searchset", "total": len(hits),
-                     "entry": [{"fullUrl": f"{self.base_url}/{r['resourceType']}/{r['id']}", "resource": r,
-                                "search": {"mode": "match"}} for r in hits]}
+        bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(hits)}
+        size = self.page_sizes.get(path)
+        if size:
+            offset = int(params.get("_offset", ["0"])[0])
+            if offset + size < len(hits):
+                bundle["link"] = [{"relation": "next", "url": f"{self.base_url}/{path}?patient={patient}"
+                                                             f"&_count={size}&_offset={offset + size - 1}"}]
+            hits = hits[offset:offset + size]
+        bundle["entry"] = [{"fullUrl": f"{self.base_url}/{r['resourceType']}/{r['id']}", "resource": r,
+                            "search": {"mode": "match"}} for r in hits]
+        return 200, bundle
 
 
-def chart_server(chart: dict, fhir_server, local_http) -> tuple[str, str]:
-    """(FHIR base URL, patient id) of a server holding the chart: sekmet, or for a shape sekmet
-    refuses ("servedAsSent" in the fixture, saying why) a server serving it as sent."""
+def chart_server(chart: dict, fhir_server, local_http) -> tuple[str, str, AsSentServer | None]:
+    """(FHIR base URL, patient id, the as-sent server if used) of a server holding the chart: sekmet,
+    or for a shape sekmet refuses ("servedAsSent" in the fixture, saying why) a server serving it as sent."""
     if chart.get("servedAsSent"):
-        return AsSentServer(local_http, stored_resources(chart)).base_url, patient_id(chart)
-    return fhir_server.base_url, load_into(fhir_server, chart)
+        server = AsSentServer(local_http, stored_resources(chart), chart.get("pageSize"))
+        return server.base_url, patient_id(chart), server
+    return fhir_server.base_url, load_into(fhir_server, chart), None
 
 
 def live_chart(chart: dict, suffix: str) -> dict:
@@ -488,7 +499,7 @@ def test_cli(path, templates, tmp_path):
 @pytest.mark.parametrize("path", CHART_FILES, ids=lambda p: p.stem)
 def test_service_with_client_prefetch(path, service, templates, fhir_server, local_http, run_suffix):
     chart = live_chart(load_chart(path), f"{run_suffix}p")
-    base, pid = chart_server(chart, fhir_server, local_http)
+    base, pid, _ = chart_server(chart, fhir_server, local_http)
     context = {"userId": "Practitioner/example", "patientId": pid}
     prefetch = client_prefetch(base, templates, context)
     for key, value in chart.get("prefetch", {}).items():
@@ -501,10 +512,12 @@ def test_service_with_client_prefetch(path, service, templates, fhir_server, loc
 @pytest.mark.parametrize("path", CHART_FILES, ids=lambda p: p.stem)
 def test_service_fetching_from_the_fhir_server(path, service, fhir_server, local_http, run_suffix):
     chart = live_chart(load_chart(path), f"{run_suffix}f")
-    base, pid = chart_server(chart, fhir_server, local_http)
+    base, pid, as_sent = chart_server(chart, fhir_server, local_http)
     answer = service.post(SERVICE, new_request(pid, fhirServer=base))
     got = grades_from_cards(answer.status_code, answer.json() if answer.content else None)
     check(got, expectation(chart, "fetch"), f"{path.stem} [fetch]")
+    if as_sent is not None and chart.get("pageSize"):  # the overlapping pages were really read
+        assert any("_offset=" in r.path for r in as_sent.server.requests), [r.path for r in as_sent.server.requests]
 
 
 # ---- One reading path: the CLI and the service agree ----------------------------------------------------
