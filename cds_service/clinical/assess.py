@@ -39,13 +39,14 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
 
     facts = extract_facts(resources, now, terminology, protocol, horizon_for, zone)
     facts.unreadable.extend(unread_sources)
+    reading = facts.reading_notes()
     episode = find_episode(facts, now, protocol)
     if episode is None:
         medication_unread = _medication_unread(facts)
         reason = "IEC therapy history could not be read" if medication_unread else no_iec_therapy_reason(protocol)
         return Assessment(now, protocol.label, False, reason, _not_graded("CRS", reason),
                           _not_graded("ICANS", reason), facts.patient_id, unreadable=facts.unreadable,
-                          assessable=not medication_unread)
+                          assessable=not medication_unread, reading=reading)
     latest = episode.latest
     scope_reason = (f"{latest.agent} {latest.start:%Y-%m-%d %H:%M} UTC, "
                     f"day {(now - episode.start).days} of the episode")
@@ -53,7 +54,8 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
         reason = "not graded: no check needed the grades"
         return Assessment(now, protocol.label, True, scope_reason, _not_graded("CRS", reason),
                           _not_graded("ICANS", reason), facts.patient_id, latest.evidence(f"{latest.agent} given"),
-                          unreadable=facts.unreadable, iec_car_t="car-t-products" in latest.categories)
+                          unreadable=facts.unreadable, iec_car_t="car-t-products" in latest.categories,
+                          reading=reading)
     situation = Situation(facts, now, protocol, episode, age_on(facts.birth_date, now))
     icans = grade_icans(situation) if episode.icans_in_scope else _not_graded("ICANS", "outside the ICANS window")
     if episode.crs_in_scope:
@@ -69,7 +71,7 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
         graded.flags.append(zoneless_flag(facts, zone))
     return Assessment(now, protocol.label, True, scope_reason, crs, icans, facts.patient_id,
                       latest.evidence(f"{latest.agent} given"), recommend(situation, crs, icans), facts.unreadable,
-                      iec_car_t="car-t-products" in latest.categories, situation=situation)
+                      iec_car_t="car-t-products" in latest.categories, situation=situation, reading=reading)
 
 
 def out_of_scope_reason(administrations: Iterable[Mapping], now: datetime, protocol: Protocol,

@@ -102,6 +102,13 @@ class Facts:
     zoneless: list[str] = field(default_factory=list)
     ignored: dict[str, int] = field(default_factory=dict)
 
+    def reading_notes(self) -> dict:
+        """What the call log says of the reading: copies dropped, times without a zone, elements
+        ignored (only those that occurred)."""
+        notes = {"duplicates": self.duplicates, "timesWithoutZone": len(set(self.zoneless)),
+                 "ignoredElements": dict(self.ignored)}
+        return {name: value for name, value in notes.items() if value}
+
     def note_ignored(self, element: str) -> None:
         self.ignored[element] = self.ignored.get(element, 0) + 1
 
@@ -231,6 +238,7 @@ class Assessment:
     assessable: bool = True  # False: whether the patient is in scope could not be told
     iec_car_t: bool = False  # the latest IEC therapy is a CAR-T product (not a T-cell engager)
     situation: Any = field(default=None, repr=False, compare=False)  # scope.Situation, for order checks
+    reading: dict = field(default_factory=dict, compare=False)  # how the chart was read (Facts.reading_notes)
 
     @property
     def indicator(self) -> str:

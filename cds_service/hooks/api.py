@@ -255,7 +255,8 @@ def _log_call(write_line: Callable[[str], None], service_id: str, client, starte
         f'"iss": {_json(client.iss if client is not None else None)}, "outcome": {_json(outcome)}, '
         f'"ms": {round((time.perf_counter() - started) * 1000, 1)!r}, '  # a finite float: repr is json's text
         f'"cards": {_json([card["source"]["topic"]["code"] for card in cards])}, "grades": {_json(notes.get("grades"))}, '
-        f'"sources": {_json(notes.get("sources"))}, "scope": {_json(notes.get("scope"))}, '
+        f'"sources": {_json(notes.get("sources"))}, "read": {_json(notes.get("read"))}, '
+        f'"scope": {_json(notes.get("scope"))}, '
         f'"lenient": {_json(notes.get("lenient"))}, "reason": {_json(notes.get("reason"))}}}')
 
 

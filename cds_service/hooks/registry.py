@@ -116,6 +116,7 @@ def _assess_or_412(call: HookCall) -> Assessment:
                                  "IEC therapy was given cannot be told: "
                                  + "; ".join(f"{u.reference}: {u.reason}" for u in assessment.unreadable))
     call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
+    call.notes["read"] = assessment.reading or None
     return assessment
 
 
@@ -200,6 +201,7 @@ def _order_checks(call: HookCall, selections: list[str] | None) -> list[dict]:
     if not assessment.assessable:
         raise PreconditionFailed("the patient's medication administrations could not be read")
     call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
+    call.notes["read"] = assessment.reading or None
     return finding_cards(findings, assessment, call.terminology)
 
 
