@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone, tzinfo
 from functools import lru_cache
 from typing import Callable, Iterable, Mapping, Protocol as Interface
 
-from ..terminology import IEC_TOXICITY, LOINC, SNOMED, Terminology, codeable_codes, codeable_texts
+from ..terminology import LOINC, SNOMED, Terminology, codeable_codes, codeable_texts
 from .fhir_read import (
     UnreadableValue,
     effective_interval,
@@ -40,20 +40,20 @@ OBSERVATION_VALUESETS = [
     ("ferritin", "ferritin"),
     ("crp", "c-reactive-protein"),
     ("bp_panel", "blood-pressure-panel"),
+    # ICANS domains have no LOINC: the project's CodeSystem codes them, and a site adds its rows.
+    ("ice", "icans-ice-score"),
+    ("capd", "icans-capd-score"),
+    ("consciousness", "icans-consciousness"),
+    ("seizure", "icans-seizure"),
+    ("motor_weakness", "icans-motor-weakness"),
+    ("cerebral_edema", "icans-cerebral-edema"),
 ]
-# ICANS domains have no LOINC: they are coded in the project's CodeSystem.
-ICANS_CODES = {
-    "ice-score": "ice",
-    "capd-score": "capd",
-    "consciousness": "consciousness",
-    "seizure": "seizure",
-    "motor-weakness": "motor_weakness",
-    "cerebral-edema": "cerebral_edema",
-}
-# Coded ICANS answers are recognised by these ValueSets; the protocol maps each answer to a grade.
+ICANS_KINDS = ("ice", "capd", "consciousness", "seizure", "motor_weakness", "cerebral_edema")
+# Coded ICANS answers are recognised by these ValueSets (a site's answer codes join them); each
+# code stands for one of the project's answers, which the protocol maps to a grade.
 ICANS_ANSWER_VALUESETS = {"consciousness": "icans-consciousness-levels", "seizure": "icans-seizure-findings",
                           "cerebral_edema": "icans-cerebral-edema-findings"}
-KIND_PRIORITY = {kind: rank for rank, kind in enumerate([k for k, _ in OBSERVATION_VALUESETS] + list(ICANS_CODES.values()))}
+KIND_PRIORITY = {kind: rank for rank, (kind, _) in enumerate(OBSERVATION_VALUESETS)}
 COMPONENT_KINDS = {"sbp", "o2_flow"}  # read from Observation.component (BP panel, pulse oximetry)
 QUANTITY_UNITS = {"temperature": "Cel", "sbp": "mmHg", "o2_flow": "L/min", "weight": "kg",
                   "ferritin": "ng/mL", "crp": "mg/L"}
@@ -166,7 +166,6 @@ def observation_code_index(terminology: Terminology) -> dict[tuple[str, str], st
     index: dict[tuple[str, str], str] = {}
     for kind, valueset in reversed(OBSERVATION_VALUESETS):
         index.update(dict.fromkeys(terminology[valueset].codes, kind))
-    index.update({(IEC_TOXICITY, code): kind for code, kind in ICANS_CODES.items()})
     return index
 
 
@@ -329,10 +328,10 @@ class FactExtractor:
             return present, "deep focal motor weakness" if present else "no focal motor weakness", False
         # consciousness, seizure, cerebral_edema: coded answers from the project CodeSystem
         answers = self.terms[ICANS_ANSWER_VALUESETS[kind]]
-        for system, code in codeable_codes(holder.get("valueCodeableConcept")):
-            if (system, code) in answers.codes:
-                return code, f"{_human(kind)}: {code.replace('-', ' ')}", False
-        raise UnreadableValue(f"answer must be a code of ValueSet {answers.id}")
+        answer = answers.agent_for_code(codeable_codes(holder.get("valueCodeableConcept")))
+        if answer is None:
+            raise UnreadableValue(f"answer must be a code of ValueSet {answers.id}")
+        return answer, f"{_human(kind)}: {answer.replace('-', ' ')}", False
 
     def _device(self, holder: Mapping) -> tuple[int, str, bool]:
         codeable = holder.get("valueCodeableConcept")

@@ -11,7 +11,6 @@ from functools import lru_cache
 from typing import Callable
 
 from ..clinical import assess, never_in_scope, no_iec_therapy_reason, out_of_scope_reason
-from ..clinical.facts import ICANS_CODES
 from ..clinical.model import Assessment, Unreadable
 from ..clinical.orders import review_orders
 from ..clinical.protocol import Protocol
@@ -19,7 +18,7 @@ from ..errors import BadRequest, PreconditionFailed
 from ..fhir.bundle import BundleError, resources_in
 from ..fhir.client import FhirClient
 from ..fhir.prefetch import prefetched_only, resolve_prefetch, search_content
-from ..terminology import IEC_TOXICITY, Terminology
+from ..terminology import Terminology
 from .cards import assessment_cards, finding_cards
 from .memo import ContentMemo
 
@@ -30,7 +29,8 @@ OBSERVATION_KEYS = {
     "temperatures": ("body-temperature",),
     "bloodPressures": ("systolic-blood-pressure", "blood-pressure-panel"),
     "oxygen": ("oxygen-flow-rate", "oxygen-delivery-method", "pulse-oximetry"),
-    "assessments": ("body-weight", "ferritin", "c-reactive-protein"),
+    "assessments": ("body-weight", "ferritin", "c-reactive-protein", "icans-ice-score", "icans-capd-score",
+                    "icans-consciousness", "icans-seizure", "icans-motor-weakness", "icans-cerebral-edema"),
 }
 PAGE_SIZES = {"temperatures": 1000, "bloodPressures": 200, "oxygen": 300, "assessments": 200}
 
@@ -88,7 +88,7 @@ def prefetch_templates(terminology: Terminology) -> dict[str, str]:
 
     templates = {"patient": "Patient/{{context.patientId}}"}
     for key, valuesets in OBSERVATION_KEYS.items():
-        wanted = codes(valuesets) + ([f"{IEC_TOXICITY}|{c}" for c in ICANS_CODES] if key == "assessments" else [])
+        wanted = codes(valuesets)
         templates[key] = (f"Observation?patient={{{{context.patientId}}}}&code={','.join(wanted)}"
                           f"&_sort=-date&_count={PAGE_SIZES[key]}")
     # Medications named by reference come with their administrations where the server supports it.
