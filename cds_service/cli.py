@@ -243,12 +243,58 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="a JSON settings file (see README, Configuration)")
     serve.set_defaults(handler=cmd_serve)
 
+    codes = commands.add_parser("codes", help="the codes a site's charts use (onboarding)")
+    code_commands = codes.add_subparsers(dest="codes_command", required=True)
+    survey = code_commands.add_parser("survey", help="list Observation and medication codes, mapped or not")
+    survey.add_argument("files", nargs="*", help="FHIR Bundle or NDJSON exports (instead of a FHIR server)")
+    survey.add_argument("--fhir-server", help="the FHIR server's base URL")
+    survey.add_argument("--bearer", help="an access token for the server (or CRS_CDS_SURVEY_TOKEN)")
+    survey.add_argument("--patient", action="append", default=[], help="a patient id (repeat for several)")
+    survey.add_argument("--config", help="a JSON settings file (the site's terminology_dirs)")
+    survey.add_argument("--write-valuesets", metavar="DIR", help="write site ValueSet files to review")
+    survey.add_argument("--timeout", type=float, default=60.0, help="seconds for all the queries (default 60)")
+    survey.set_defaults(handler=cmd_codes_survey)
+
     report = commands.add_parser("feedback-report", help="accepted and overridden counts per card topic")
     report.add_argument("--db", help="the feedback database (default: the feedback_db setting)")
     report.add_argument("--config", help="a JSON settings file")
     report.add_argument("--json", action="store_true")
     report.set_defaults(handler=cmd_feedback_report)
     return parser
+
+
+def cmd_codes_survey(args: argparse.Namespace) -> int:
+    """Which codes the charts use and which of them the service reads (onboarding a site)."""
+    import os
+
+    from .fhir.bundle import BundleError, parse_resources_text
+    from .survey import fetch_patients, report, survey, write_valuesets
+
+    if bool(args.files) == bool(args.fhir_server):
+        raise CliError("give export files, or --fhir-server with --patient ids, not both")
+    if args.fhir_server and not args.patient:
+        raise CliError("--fhir-server needs at least one --patient id")
+    settings = _settings(args.config)
+    site = _site(settings)
+    resources, failures = [], []
+    for name in args.files:
+        try:
+            resources += parse_resources_text(Path(name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, BundleError) as exc:
+            raise CliError(f"cannot read {name}: {exc}") from None
+    if args.fhir_server:
+        settings.fhir_budget_seconds = settings.fhir_timeout_seconds = args.timeout
+        settings.fhir_max_pages, settings.fhir_max_resources_per_key = 100, 100_000
+        token = args.bearer or os.environ.get("CRS_CDS_SURVEY_TOKEN")
+        resources, failures = fetch_patients(args.fhir_server.rstrip("/"), token, args.patient, settings)
+    rows = survey(resources, site.terminology)
+    print(report(rows), end="")
+    for failure in failures:
+        print(f"not read: {failure}", file=sys.stderr)
+    if args.write_valuesets:
+        for path in write_valuesets(rows, Path(args.write_valuesets)):
+            print(f"wrote {path} (review it before use)")
+    return 1 if failures else 0
 
 
 def cmd_feedback_report(args: argparse.Namespace) -> int:
