@@ -4,21 +4,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import tzinfo
 from typing import Any, Callable, Mapping
 
 from flask import Flask, request
 from werkzeug.exceptions import HTTPException
 
-from .clinical.protocol import Protocol
 from .feedback import FeedbackStore
 from .fhir.client import FhirClient
-from .hooks.api import blueprint, discovery_document, log_call_line, prefetch_templates, warm_up_schema_checks
+from .hooks.api import blueprint, discovery_document, log_call_line, warm_up_schema_checks
 from .hooks.api import log as hooks_log
 from .hooks.auth import Authenticator
 from .hooks.openapi import openapi_blueprint
 from .settings import Settings
-from .site import Site
+from .site import Sites
 
 log = logging.getLogger("crs_cds")
 
@@ -28,10 +26,7 @@ class ServiceState:
     """Everything loaded once at start-up, so no request pays for it."""
 
     settings: Settings
-    protocol: Protocol
-    terminology: Any
-    zone: tzinfo            # the site's time zone (settings.time_zone)
-    templates: dict[str, str]
+    sites: Sites            # the deployment default and each client profile's site
     discovery: list[dict]
     fhir_client: FhirClient
     feedback: FeedbackStore
@@ -150,10 +145,8 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     without it the line goes through logging (logger ``crs_cds.hooks``)."""
     settings = config if isinstance(config, Settings) else Settings.load(**dict(config or {}))
     auth = Authenticator.from_settings(settings)  # first: a bad trust configuration stops start-up
-    site = Site.from_settings(settings)
-    templates = prefetch_templates(site.terminology)
-    state = ServiceState(settings, site.protocol, site.terminology, site.zone, templates,
-                         discovery_document(templates), FhirClient(settings), FeedbackStore(settings.feedback_db),
+    sites = Sites.from_settings(settings)
+    state = ServiceState(settings, sites, discovery_document(sites.default.templates), FhirClient(settings), FeedbackStore(settings.feedback_db),
                          auth, call_lines_to.writer_for(hooks_log, otherwise=log_call_line) if call_lines_to
                          else log_call_line)
     warm_up_schema_checks()  # compiled now, not on the first chart open
@@ -173,7 +166,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         return _outcome(500, "internal error; the service log has the details", "exception")
 
     app.wsgi_app = CorsHeaders(app.wsgi_app, settings.cors_origins)
-    log.info("crs-cds ready: %d services, protocol %s", len(state.discovery), state.protocol.label)
+    log.info("crs-cds ready: %d services, protocol %s", len(state.discovery), sites.default.protocol.label)
     return app
 
 

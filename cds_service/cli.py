@@ -83,18 +83,16 @@ def _hook_request_resources(request: dict, site, settings, now: datetime):
     from .errors import PreconditionFailed
     from .fhir.client import FhirClient
     from .fhir.prefetch import prefetched_only
-    from .hooks.registry import SERVICES, gather, prefetch_templates
+    from .hooks.registry import SERVICES, gather
 
     service = next(s for s in SERVICES if s.hook == "patient-view")
-    templates = prefetch_templates(site.terminology)
     try:
-        call = gather(service, request, templates, now, site.protocol, site.terminology, site.zone,
-                      FhirClient(settings), settings)
+        call = gather(service, request, site, now, FhirClient(settings), settings)
     except PreconditionFailed as exc:
         raise CliError(f"required data cannot be had (a service answers 412): {exc.message}") from None
     if isinstance(call, str):  # out of scope by the medications alone: grade those
         key = service.scope_key
-        return prefetched_only({key: templates[key]}, request) or [], []
+        return prefetched_only({key: site.templates[key]}, request) or [], []
     return call.resources, call.unread
 
 
@@ -255,12 +253,48 @@ def build_parser() -> argparse.ArgumentParser:
     survey.add_argument("--timeout", type=float, default=60.0, help="seconds for all the queries (default 60)")
     survey.set_defaults(handler=cmd_codes_survey)
 
+    sheet = commands.add_parser("prefetch", help="the install sheet: each service's prefetch templates and FHIR scopes")
+    sheet.add_argument("--ehr", choices=["generic", "epic", "oracle-health"],
+                       help="the template dialect (default: the settings' ehr)")
+    sheet.add_argument("--config", help="a JSON settings file (the site's codes join the templates)")
+    sheet.add_argument("--json", action="store_true")
+    sheet.set_defaults(handler=cmd_prefetch)
+
     report = commands.add_parser("feedback-report", help="accepted and overridden counts per card topic")
     report.add_argument("--db", help="the feedback database (default: the feedback_db setting)")
     report.add_argument("--config", help="a JSON settings file")
     report.add_argument("--json", action="store_true")
     report.set_defaults(handler=cmd_feedback_report)
     return parser
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    """What an integration engineer enters in the EHR for each service: the prefetch templates in
+    the EHR's dialect and the FHIR scopes the service needs."""
+    from .hooks.registry import KEY_SCOPES, MEDICATION_SCOPES, SERVICES
+
+    settings = _settings(args.config)
+    if args.ehr:
+        settings.ehr = args.ehr
+    site = _site(settings)
+    keys = list(dict.fromkeys(key for service in SERVICES for key in service.prefetch_keys))
+    scopes = sorted({scope for key in keys for scope in KEY_SCOPES[key][:1]} | {MEDICATION_SCOPES[0]})
+    sheet = {"ehr": site.ehr, "services": [{"id": s.id, "hook": s.hook, "prefetch": {k: site.templates[k]
+                                                                                    for k in s.prefetch_keys}}
+                                           for s in SERVICES],
+             "scopes": scopes, "scopesV2": sorted({KEY_SCOPES[key][1] for key in keys} | {MEDICATION_SCOPES[1]})}
+    if args.json:
+        print(json.dumps(sheet, indent=2))
+        return 0
+    print(f"Prefetch templates for {site.ehr} (the same for every service unless listed otherwise)")
+    first = sheet["services"][0]
+    for key, template in first["prefetch"].items():
+        print(f"\n{key}:\n  {template}")
+    for service in sheet["services"]:
+        print(f"\nservice {service['id']} ({service['hook']}): keys {', '.join(service['prefetch'])}")
+    print(f"\nFHIR scopes (SMART v1): {' '.join(sheet['scopes'])}")
+    print(f"FHIR scopes (SMART v2): {' '.join(sheet['scopesV2'])}")
+    return 0
 
 
 def cmd_codes_survey(args: argparse.Namespace) -> int:

@@ -45,6 +45,8 @@ class Settings:
     protocol_file: str | None = None          # site protocol overriding the default protocol
     terminology_dirs: list[str] = field(default_factory=list)  # extra ValueSet folders (local codes)
     time_zone: str = "UTC"                     # IANA name: times without a zone are read in it
+    ehr: str = "generic"                       # the EHR kind: generic, epic or oracle-health (template dialect)
+    profiles: dict[str, Any] = field(default_factory=dict)  # per-client sites, by iss (and tenant)
     # FHIR access
     fhir_timeout_seconds: float = 1.5          # per HTTP request to a FHIR server
     fhir_budget_seconds: float = 2.0           # all FHIR fetching for one hook call

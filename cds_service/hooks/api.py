@@ -225,8 +225,8 @@ def call_service(state: ServiceState, req: Request, client: AuthenticatedClient 
         validate_hook_request(body, service.hook)
         allowed = state.auth.fhir_server_allowed(body.get("fhirServer"), client)
         now = datetime.fromtimestamp(time.time_ns() // 10**9, timezone.utc)  # whole seconds (replace() costs 3 us)
-        call = gather(service, body, state.templates, now, state.protocol, state.terminology, state.zone,
-                      state.fhir_client, state.settings, server_allowed=allowed)
+        site = state.sites.for_client(client.iss, client.tenant) if client is not None else state.sites.default
+        call = gather(service, body, site, now, state.fhir_client, state.settings, server_allowed=allowed)
         if isinstance(call, str):  # out of scope, told from the scope key alone
             notes.update(scope=call, sources={service.scope_key: "prefetch"})
             outcome = "ok"

@@ -77,24 +77,50 @@ class ServiceDeclaration:
         return entry
 
 
-def prefetch_templates(terminology: Terminology) -> dict[str, str]:
+# The EHR kinds a site profile names: each has its own template dialect.
+EHR_KINDS = ("generic", "epic", "oracle-health")
+VITAL_SIGNS_KEYS = ("temperatures", "bloodPressures", "oxygen")  # US Core vital-signs category
+ORACLE_MAX_COUNT = 200
+
+
+def prefetch_templates(terminology: Terminology, ehr: str = "generic") -> dict[str, str]:
     """Prefetch templates with only root-level context tokens (Epic, Oracle Health and the Sandbox
     all support these). A template cannot carry a date, so searches are narrowed by code, sorted
     newest first with a page size, and split by concept so that a client or this service can run
     them in parallel, each usually in one page; ``prefetch_cutoffs`` says how far back each one
-    matters, so paging stops there."""
+    matters, so paging stops there.
+
+    Dialects: Epic searches vital signs by category (``category=vital-signs``); Oracle Health takes
+    no ``_sort`` on Observation and at most ``_count=200``; neither is asked for ``_include`` (the
+    service fetches the Medications that administrations name by reference itself)."""
     def codes(valuesets) -> list[str]:
         return sorted({f"{system}|{code}" for vs in valuesets for (system, code) in terminology[vs].codes})
 
     templates = {"patient": "Patient/{{context.patientId}}"}
     for key, valuesets in OBSERVATION_KEYS.items():
-        wanted = codes(valuesets)
-        templates[key] = (f"Observation?patient={{{{context.patientId}}}}&code={','.join(wanted)}"
-                          f"&_sort=-date&_count={PAGE_SIZES[key]}")
+        query = f"Observation?patient={{{{context.patientId}}}}"
+        if ehr == "epic" and key in VITAL_SIGNS_KEYS:
+            query += "&category=vital-signs"
+        query += f"&code={','.join(codes(valuesets))}"
+        if ehr == "oracle-health":
+            query += f"&_count={min(PAGE_SIZES[key], ORACLE_MAX_COUNT)}"
+        else:
+            query += f"&_sort=-date&_count={PAGE_SIZES[key]}"
+        templates[key] = query
+    count = ORACLE_MAX_COUNT if ehr == "oracle-health" else 500
     # Medications named by reference come with their administrations where the server supports it.
-    templates["medications"] = ("MedicationAdministration?patient={{context.patientId}}"
-                                "&_include=MedicationAdministration:medication&_count=500")
+    include = "&_include=MedicationAdministration:medication" if ehr == "generic" else ""
+    templates["medications"] = f"MedicationAdministration?patient={{{{context.patientId}}}}{include}&_count={count}"
     return templates
+
+
+# The FHIR scopes each key's search needs (SMART v1 and v2 spellings).
+KEY_SCOPES = {
+    "patient": ("patient/Patient.read", "patient/Patient.r"),
+    "medications": ("patient/MedicationAdministration.read", "patient/MedicationAdministration.rs"),
+    **{key: ("patient/Observation.read", "patient/Observation.rs") for key in OBSERVATION_KEYS},
+}
+MEDICATION_SCOPES = ("patient/Medication.read", "patient/Medication.rs")  # Medications named by reference
 
 
 def prefetch_cutoffs(protocol: Protocol, now: datetime) -> dict[str, datetime]:
@@ -152,19 +178,20 @@ def _never_in_scope_memo(template: str, terminology: Terminology, in_scope_statu
     return ContentMemo(size=5_000)
 
 
-def gather(service: ServiceDeclaration, request: dict, templates: dict[str, str], now: datetime,
-           protocol: Protocol, terminology: Terminology, zone: tzinfo, client: FhirClient, settings,
+def gather(service: ServiceDeclaration, request: dict, site, now: datetime, client: FhirClient, settings,
            server_allowed: bool = True) -> HookCall | str:
-    """The hook call with its FHIR data gathered (prefetch, then fetches), or why the patient is
-    out of scope when the scope key alone shows it. The one way a hook request is read, by the
+    """The hook call with its FHIR data gathered (prefetch, then fetches) as the ``site`` (a
+    ``cds_service.site.Site``: protocol, codes, time zone, templates) reads it, or why the patient
+    is out of scope when the scope key alone shows it. The one way a hook request is read, by the
     service and by ``crs-cds grade``. Raises PreconditionFailed when required data cannot be had."""
-    unconcerned = out_of_scope(service, request, templates, now, protocol, terminology)
+    unconcerned = out_of_scope(service, request, site.templates, now, site.protocol, site.terminology)
     if unconcerned is not None:  # most chart opens: answered from one key, before the others
         return unconcerned
-    wanted = {key: templates[key] for key in service.prefetch_keys}
+    wanted = {key: site.templates[key] for key in service.prefetch_keys}
     gathered = resolve_prefetch(wanted, request, client, settings, set(service.required_keys),
-                                server_allowed=server_allowed, cutoffs=prefetch_cutoffs(protocol, now))
-    call = HookCall(service, request, gathered.resources, gathered.failures, now, protocol, terminology, zone)
+                                server_allowed=server_allowed, cutoffs=prefetch_cutoffs(site.protocol, now))
+    call = HookCall(service, request, gathered.resources, gathered.failures, now, site.protocol, site.terminology,
+                    site.zone)
     call.notes["sources"] = gathered.sources
     return call
 
