@@ -257,7 +257,7 @@ def _resolve_includes(by_url: dict[str, Concept]) -> None:
         concept.codes = {key: concept.agent_for_text([display]) or display for key, display in concept.codes.items()}
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=64)
 def load_terminology(extra_dirs: tuple[str, ...] = ()) -> Terminology:
     """The terminology for a set of site folders, loaded once per process."""
     return Terminology.load(extra_dirs)

@@ -64,6 +64,11 @@ class FhirServer:
             f"loading the Bundle into sekmet failed: {response.status_code} {response.text[:2000]}")
         return response.json()
 
+    def load_resources(self, resources: list[dict]) -> dict:
+        """The resources as one transaction of PUTs with their own ids."""
+        return self.load({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources]})
+
     def log_tail(self, lines: int = 40) -> str:
         return _tail(self.log_path, lines)
 
@@ -270,6 +275,28 @@ def serve_app_module():
     yield serve
     for service in running:
         service.close()
+
+
+@pytest.fixture
+def summary_fetched_by_the_service(serve_app, tmp_path, fhir_server):
+    """Factory: ``summary(patient_id, terminology_dirs)``, the main card's summary of a patient-view
+    call with no prefetch, the service fetching everything from sekmet with those site ValueSets."""
+    import uuid
+
+    from cds_service.app import create_app
+    from cds_service.settings import Settings
+
+    def summary(patient: str, terminology_dirs: list[str]) -> str:
+        service = serve_app(create_app(Settings(feedback_db=str(tmp_path / "feedback.sqlite3"), auth_enabled=False,
+                                                terminology_dirs=terminology_dirs, fhir_budget_seconds=10,
+                                                fhir_timeout_seconds=10)))
+        answer = service.post("/cds-services/crs-icans-assessment", {
+            "hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": fhir_server.base_url,
+            "context": {"patientId": patient, "userId": "Practitioner/1"}})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["cards"][0]["summary"]
+
+    return summary
 
 
 # -- fuzzing: how many cases each run generated, shown at the end of every pytest run ---------------

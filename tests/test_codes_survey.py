@@ -43,9 +43,7 @@ def site_chart(fhir_server) -> tuple[str, datetime]:
     row("na", "3100", "Sodium", valueQuantity={"value": 138, "unit": "mmol/L"})
     chart.infusion_event(Drug("norepinephrine 4 mg in 250 mL D5W", local_code=("NE-DRIP", "NOREPINEPHRINE DRIP")),
                          2, (0.05, "ug/kg/min"))
-    fhir_server.load({"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-        for r in chart.resources]})
+    fhir_server.load_resources(chart.resources)
     return name, now
 
 
@@ -72,27 +70,15 @@ def test_the_survey_lists_codes_with_counts_concepts_and_what_to_review(fhir_ser
     assert temperature["compose"]["include"] == [{"system": ROWS, "concept": [{"code": "6", "display": "Temp"}]}]
 
 
-def test_the_written_valuesets_make_the_site_chart_graded(fhir_server, site_chart, tmp_path, serve_app):
-    from cds_service.app import create_app
-    from cds_service.settings import Settings
-
+def test_the_written_valuesets_make_the_site_chart_graded(fhir_server, site_chart, tmp_path,
+                                                        summary_fetched_by_the_service):
     patient, _ = site_chart
     out = tmp_path / "site-valuesets"
     assert run("codes", "survey", "--fhir-server", fhir_server.base_url, "--patient", patient,
                "--write-valuesets", str(out)).returncode == 0
-
-    def summary(terminology_dirs: list[str]) -> str:
-        service = serve_app(create_app(Settings(feedback_db=str(tmp_path / "f.sqlite3"), auth_enabled=False,
-                                                terminology_dirs=terminology_dirs, fhir_budget_seconds=10,
-                                                fhir_timeout_seconds=10)))
-        answer = service.post("/cds-services/crs-icans-assessment", {
-            "hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": fhir_server.base_url,
-            "context": {"patientId": patient, "userId": "Practitioner/1"}})
-        assert answer.status_code == 200, answer.text
-        return answer.json()["cards"][0]["summary"]
-
-    assert summary([]).startswith("CRS grade 0, ICANS grade 0")   # nothing of the site rows is asked for
-    assert summary([str(out)]).startswith("CRS grade 4, ICANS grade 2")
+    # Nothing of the site rows is asked for without them.
+    assert summary_fetched_by_the_service(patient, []).startswith("CRS grade 0, ICANS grade 0")
+    assert summary_fetched_by_the_service(patient, [str(out)]).startswith("CRS grade 4, ICANS grade 2")
 
 
 def test_the_survey_reads_an_export_file_and_refuses_a_bad_call(tmp_path):

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cds_service.app import create_app
 from cds_service.scenarios import Chart, YESCARTA
-from cds_service.settings import Settings
 
 FLOWSHEET = "urn:oid:1.2.840.114350.1.13.0.1.7.2.707679"  # an Epic-style flowsheet row system
 ICE_ROW = "3041802"
@@ -51,44 +49,27 @@ def patient(fhir_server, now) -> str:
     ]
     for kind, code, value in rows:
         chart._observation(kind, "vital-signs", code, chart._at(0.5), **value)
-    fhir_server.load(_transaction(chart.resources))
+    fhir_server.load_resources(chart.resources)
     return name
 
 
-def _transaction(resources: list[dict]) -> dict:
-    return {"resourceType": "Bundle", "type": "transaction",
-            "entry": [{"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-                      for r in resources]}
-
-
-def _grades(serve_app, tmp_path, fhir_server, patient: str, terminology_dirs: list[str]) -> str:
-    service = serve_app(create_app(Settings(feedback_db=str(tmp_path / "feedback.sqlite3"), auth_enabled=False,
-                                            terminology_dirs=terminology_dirs, fhir_budget_seconds=10,
-                                            fhir_timeout_seconds=10)))
-    answer = service.post("/cds-services/crs-icans-assessment", {
-        "hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": fhir_server.base_url,
-        "context": {"patientId": patient, "userId": "Practitioner/1"}})
-    assert answer.status_code == 200, answer.text
-    return answer.json()["cards"][0]["summary"]
-
-
-def test_site_rows_are_unseen_without_their_valuesets(serve_app, tmp_path, fhir_server, patient):
-    summary = _grades(serve_app, tmp_path, fhir_server, patient, [])
+def test_site_rows_are_unseen_without_their_valuesets(summary_fetched_by_the_service, patient):
+    summary = summary_fetched_by_the_service(patient, [])
     assert summary.startswith("CRS grade 1, ICANS grade 0"), summary
 
 
-def test_site_rows_graded_right_after_adding_only_valueset_files(serve_app, tmp_path, fhir_server, patient):
+def test_site_rows_graded_right_after_adding_only_valueset_files(summary_fetched_by_the_service, tmp_path, patient):
     site = tmp_path / "site-terminology"
     _site_valueset(site, "icans-ice-score", FLOWSHEET, ICE_ROW, "ICE score")
     _site_valueset(site, "oxygen-delivery-method", FLOWSHEET, O2_DEVICE_ROW, "O2 device")
-    summary = _grades(serve_app, tmp_path, fhir_server, patient, [str(site)])
+    summary = summary_fetched_by_the_service(patient, [str(site)])
     assert summary.startswith("CRS grade 4, ICANS grade 2"), summary   # BiPAP; ICE 5
 
 
-def test_a_site_answer_list_joins_the_project_answers(serve_app, tmp_path, fhir_server, patient):
+def test_a_site_answer_list_joins_the_project_answers(summary_fetched_by_the_service, tmp_path, patient):
     """Awakens to voice (ICANS 2) charted in a site row with a site answer code."""
     site = tmp_path / "site-terminology"
     _site_valueset(site, "icans-consciousness", FLOWSHEET, "3041805", "Level of arousal")
     _site_valueset(site, "icans-consciousness-levels", FLOWSHEET, ANSWER_ROW, "Awakens to voice")
-    summary = _grades(serve_app, tmp_path, fhir_server, patient, [str(site)])
+    summary = summary_fetched_by_the_service(patient, [str(site)])
     assert summary.startswith("CRS grade 1, ICANS grade 2"), summary

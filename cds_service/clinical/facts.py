@@ -160,7 +160,7 @@ class _Administration:
                          self.dose_mg)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=64)
 def observation_code_index(terminology: Terminology) -> dict[tuple[str, str], str]:
     """(system, code) -> observation kind, built once per terminology (first ValueSet wins)."""
     index: dict[tuple[str, str], str] = {}

@@ -172,7 +172,7 @@ def out_of_scope(service: ServiceDeclaration, request: dict, templates: dict[str
     return None if resources is None else out_of_scope_reason(resources, now, protocol, terminology)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=64)
 def _never_in_scope_memo(template: str, terminology: Terminology, in_scope_statuses: tuple[str, ...]):
     """One per everything ``never_in_scope`` depends on besides the key's content."""
     return ContentMemo(size=5_000)
