@@ -191,6 +191,19 @@ def test_grade_observation_suggestions_use_the_project_profiles(service, now):
     assert next(o for o in observations if o["code"]["coding"][0]["code"] == "crs-grade")["valueInteger"] == 2
 
 
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_every_resource_the_service_suggests_is_valid_fhir(service, now, scenario):
+    """What the service emits is checked with the FHIR models (fhir.resources, R4B), whatever it reads."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    answer = service.post("/cds-services/crs-icans-assessment", hook_request(scenario, now))
+    assert answer.status_code == 200, answer.text
+    for card in answer.json()["cards"]:
+        for action in actions(card):
+            if "resource" in action:
+                get_fhir_model_class(action["resource"]["resourceType"]).model_validate(action["resource"])
+
+
 def test_no_tocilizumab_suggestion_in_concurrent_icans_and_the_card_says_why(service, now):
     cards = cards_for(service, "concurrent-icans-crs1", now)
     all_orders = [a["resource"] for c in cards for a in actions(c) if a["resource"]["resourceType"] == "MedicationRequest"]
