@@ -289,3 +289,72 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_sep("-", f"fuzz cases generated: {sum(counts.values())}")
         for name, count in sorted(counts.items()):
             terminalreporter.write_line(f"{name}: {count}")
+
+
+# -- real servers in their own processes: gunicorn, nginx, PostgreSQL ------------------------------
+
+def wait_for_http(url: str, process: subprocess.Popen, log_path: Path, seconds: float = STARTUP_SECONDS) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{url}: the server exited with code {process.returncode}; log tail:\n{_tail(log_path)}",
+                        pytrace=False)
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} did not answer within {seconds:.0f} s; log tail:\n{_tail(log_path)}", pytrace=False)
+        time.sleep(0.1)
+
+
+def stop_process(process: subprocess.Popen, seconds: float = 15) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=seconds)
+
+
+class Gunicorn:
+    """The service under gunicorn with the shipped configuration (cds_service/gunicorn_conf.py)."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], name: str = "gunicorn"):
+        import sys
+
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"{name}.log"
+        metrics_dir = workdir / f"{name}-metrics"
+        metrics_dir.mkdir(exist_ok=True)
+        self.env = dict(os.environ, CRS_CDS_BIND=f"127.0.0.1:{self.port}", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+                        **env)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", "python:cds_service.gunicorn_conf"], cwd=workdir,
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for_http(self.base + "/healthz", self.process, self.log_path)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        stop_process(self.process)
+
+
+@pytest.fixture
+def gunicorn_service(tmp_path):
+    """Factory: ``gunicorn_service(**CRS_CDS_variables)`` starts the service under gunicorn."""
+    started: list[Gunicorn] = []
+
+    def start(name: str = "gunicorn", **env: str) -> Gunicorn:
+        server = Gunicorn(tmp_path, {k: str(v) for k, v in env.items()}, name)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
