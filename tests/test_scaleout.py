@@ -25,7 +25,7 @@ from jwt.algorithms import ECAlgorithm
 
 from cds_service.examples import hook_request
 from cds_service.scenarios import by_name
-from conftest import Gunicorn, Nginx
+from servers import Gunicorn, Nginx
 
 ISS = "https://ehr.example.org/cds-client"
 KEY = ec.generate_private_key(ec.SECP384R1())
