@@ -76,11 +76,12 @@ class Gunicorn:
         self.log_path = workdir / f"{name}.log"
         metrics_dir = workdir / f"{name}-metrics"
         metrics_dir.mkdir(exist_ok=True)
-        self.env = dict(os.environ, CRS_CDS_BIND=f"127.0.0.1:{self.port}", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
-                        **env)
+        self.env = {**os.environ, "CRS_CDS_BIND": f"127.0.0.1:{self.port}",
+                    "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), **env}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", *args], cwd=workdir,
+                [sys.executable, "-m", "gunicorn", *(a.replace("{bind}", f"127.0.0.1:{self.port}") for a in args)],
+                cwd=workdir,
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         wait_for_http(self.base + "/healthz", self.process, self.log_path)
 
