@@ -261,3 +261,31 @@ def test_credentials_in_urls_and_authorization_headers_never_reach_the_log(serve
         assert secret not in caplog.text
     assert "[credentials]@fhir.example.org" in caplog.text  # the URL is logged, without its credentials
     assert '"outcome": "401"' in caplog.text  # refused clients are in the call line too
+
+
+# -- a slow FHIR server does not starve calls that do not need it ----------------------------------------
+
+def test_a_slow_fhir_server_does_not_hold_up_calls_that_came_with_their_prefetch(gunicorn_service, local_http, now):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def slow(request, server):
+        server.stop.wait(3)  # every FHIR answer takes 3 s
+        return 200, {"resourceType": "Bundle", "type": "searchset", "total": 0}
+
+    fhir = local_http(slow)
+    server = gunicorn_service(CRS_CDS_AUTH_ENABLED="false", CRS_CDS_WORKERS="1", CRS_CDS_THREADS="8",
+                              CRS_CDS_FHIR_TIMEOUT_SECONDS="5", CRS_CDS_FHIR_BUDGET_SECONDS="5")
+    fetching = hook_request(by_name(SCENARIO), now)
+    del fetching["prefetch"]["oxygen"]
+    fetching["fhirServer"] = fhir.base_url
+    with ThreadPoolExecutor(4) as pool:
+        slow_calls = [pool.submit(requests.post, server.base + SERVICE, json=dict(fetching, hookInstance=str(uuid.uuid4())),
+                                  timeout=30) for _ in range(4)]
+        deadline = time.monotonic() + 20
+        while len(fhir.requests) < 4 and time.monotonic() < deadline:  # all four wait on the FHIR server
+            time.sleep(0.05)
+        assert len(fhir.requests) == 4
+        for _ in range(5):  # one worker process: these run beside the four, on other threads
+            a_normal_call_is_answered(server.base, now)
+        assert not any(call.done() for call in slow_calls)
+        assert [call.result().status_code for call in slow_calls] == [200] * 4

@@ -254,14 +254,19 @@ def test_an_instance_killed_mid_load_costs_only_its_in_flight_calls(cluster):
     lock = threading.Lock()
     stop = threading.Event()
 
+    cards: list[str] = []
+
     def load():
         while not stop.is_set():
             try:
-                status = cluster.call(timeout=30).status_code
+                answer = cluster.call(timeout=30)
+                status = answer.status_code
             except requests.RequestException:
                 status = 0
             with lock:
                 results.append((time.monotonic(), status))
+                if status == 200:
+                    cards.extend(card["uuid"] for card in answer.json()["cards"])
 
     workers = [threading.Thread(target=load) for _ in range(concurrency)]
     for worker in workers:
@@ -282,3 +287,11 @@ def test_an_instance_killed_mid_load_costs_only_its_in_flight_calls(cluster):
     # (and every call after) was answered by the surviving one.
     assert len(failures) <= concurrency, failures
     assert after and set(after) == {200}
+    # Every card that reached a client has its topic in the database (none was queued in memory).
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(cluster.postgres.url)
+    with engine.connect() as connection:
+        stored = {row[0] for row in connection.execute(sqlalchemy.text("SELECT card_uuid FROM card_topic"))}
+    engine.dispose()
+    assert cards and set(cards) <= stored
