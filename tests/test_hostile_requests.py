@@ -205,6 +205,22 @@ def test_a_body_sent_a_byte_at_a_time_is_cut_off_with_a_400(request, server, now
     a_normal_call_is_answered(target.base, now)
 
 
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def test_a_body_of_nulls_does_not_bloat_a_gunicorn_worker(gunicorn):
+    [worker] = gunicorn.worker_pids()
+    body = b'{"feedback": [' + b",".join([b"null"] * 1_000_000) + b"]}"
+    requests.post(gunicorn.base + FEEDBACK, data=b'{"feedback": []}', timeout=30)  # warm
+    before = _rss_kib(worker)
+    for _ in range(3):
+        assert requests.post(gunicorn.base + FEEDBACK, data=body, timeout=60).status_code == 400
+    # Parsing 5 MB of nulls costs tens of megabytes at most; jsonschema walking every null cost 1.46 GB.
+    assert _rss_kib(worker) - before < 150 * 1024
+
+
 def test_gunicorn_logs_every_refusal_in_the_call_line(gunicorn, now):
     text, path = _with_a_huge_value(hook_request(by_name(SCENARIO), now))
     assert requests.post(gunicorn.base + SERVICE, data=text, timeout=30).status_code == 400

@@ -167,10 +167,33 @@ def _slowloris(port: int, stop: threading.Event, closed_by_server: list[bool]) -
         closed_by_server.append(True)
 
 
+def _slow_body(cluster, stop: threading.Event, answers: list[int | None]) -> None:
+    """A client with a valid token whose body comes a byte a second."""
+    host = cluster.nginx.base.removeprefix("http://")
+    token = cluster.headers(cluster.nginx.base)["Authorization"]
+    head = (f"POST {SERVICE} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode()
+    with socket.create_connection(("127.0.0.1", cluster.nginx.port), timeout=20) as sock:
+        sock.sendall(head)
+        while not stop.wait(1.0):
+            try:
+                sock.send(b" ")
+            except OSError:
+                break
+        sock.settimeout(5)
+        try:
+            answer = sock.recv(4096)
+        except OSError:
+            answer = b""
+    answers.append(int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else None)
+
+
 def test_slowloris_leaves_normal_calls_answered(cluster):
     stop = threading.Event()
     closed: list[bool] = []
+    slow_answers: list[int | None] = []
     attackers = [threading.Thread(target=_slowloris, args=(cluster.nginx.port, stop, closed)) for _ in range(10)]
+    attackers += [threading.Thread(target=_slow_body, args=(cluster, stop, slow_answers)) for _ in range(2)]
     for attacker in attackers:
         attacker.start()
     try:
@@ -185,6 +208,16 @@ def test_slowloris_leaves_normal_calls_answered(cluster):
             attacker.join(10)
     assert statuses and set(statuses) == {200}, statuses
     assert len(closed) == 10  # nginx closed every slow connection (client_header_timeout)
+    # The slow bodies never reached an instance: nginx holds them, and ends them at its own pace.
+    assert len(slow_answers) == 2 and all(status in (None, 408) for status in slow_answers), slow_answers
+
+
+def test_a_token_as_long_as_the_service_allows_passes_nginx_and_gunicorn(cluster):
+    from cds_service.hooks.auth import MAX_TOKEN_CHARS
+
+    answer = requests.post(cluster.nginx.base + SERVICE, json={}, timeout=10,
+                           headers={"Authorization": "Bearer " + "a" * (MAX_TOKEN_CHARS - 10)})
+    assert answer.status_code == 401  # the service's refusal: not nginx's 400 nor gunicorn's 431
 
 
 def _raw(port: int, data: bytes, wait: float = 15) -> int | None:
