@@ -73,8 +73,10 @@ def worker_int(worker):
 
 
 def child_exit(server, worker):
+    # Every worker exit, in the master. A worker killed by a signal (gunicorn adds its own error line,
+    # "was sent SIGKILL") or on timeout (aborted) dropped the calls it was answering.
     from cds_service.metrics import worker_exited
 
     worker_exited(worker.pid)
-    _event(server.log, "warning", event="worker-exit", pid=worker.pid,
-           note="calls this worker was answering, if any, were dropped")
+    timed_out = bool(getattr(worker, "aborted", False))
+    _event(server.log, "warning" if timed_out else "info", event="worker-exit", pid=worker.pid, timed_out=timed_out)

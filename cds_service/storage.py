@@ -154,6 +154,8 @@ def upgrade(engine: Engine, *, timeout: float = 30.0) -> None:
     from alembic import command
     from alembic.config import Config
 
+    if logging.getLogger("alembic").level == logging.NOTSET:
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # not two INFO lines per worker start
     if is_sqlite(engine):
         _sqlite_wal(engine, timeout)
     with engine.begin() as connection:  # SQLite: BEGIN IMMEDIATE, one process at a time

@@ -276,6 +276,7 @@ def test_a_killed_worker_leaves_a_trace_in_the_log(cluster):
     while time.monotonic() < deadline and f'"event": "worker-exit", "pid": {victim}' not in instance.log_text():
         time.sleep(0.1)
     assert f'"event": "worker-exit", "pid": {victim}' in instance.log_text()
+    assert f"Worker (pid:{victim}) was sent SIGKILL" in instance.log_text()  # gunicorn's own line
     while time.monotonic() < deadline and len(instance.worker_pids()) < 2:
         time.sleep(0.1)  # gunicorn starts a new worker
     assert cluster.call().status_code == 200
