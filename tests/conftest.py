@@ -293,7 +293,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 # -- real servers in their own processes: gunicorn, nginx, PostgreSQL (tests/servers.py) ----------
 
-from servers import Gunicorn, Nginx, Postgres  # noqa: E402
+from servers import Gunicorn, Postgres  # noqa: E402
 
 
 @pytest.fixture

@@ -76,7 +76,8 @@ class Gunicorn:
         self.log_path = workdir / f"{name}.log"
         metrics_dir = workdir / f"{name}-metrics"
         metrics_dir.mkdir(exist_ok=True)
-        self.env = {**os.environ, "CRS_CDS_BIND": f"127.0.0.1:{self.port}",
+        # The checkout's code, as in the test process itself (not a copy installed earlier).
+        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CRS_CDS_BIND": f"127.0.0.1:{self.port}",
                     "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), **env}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(

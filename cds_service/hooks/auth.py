@@ -342,7 +342,7 @@ class MemoryReplayCache:
             return True
 
 
-def database_replay_cache(where) -> "DatabaseReplayCache":
+def database_replay_cache(where) -> Any:
     """The replay cache in a database: an Engine (the service's), or a SQLite file path (``jti_db``)."""
     from ..storage import DatabaseReplayCache, StorageError, make_engine, prepare_database, sqlite_url
 
