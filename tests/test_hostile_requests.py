@@ -268,6 +268,7 @@ def test_credentials_in_urls_and_authorization_headers_never_reach_the_log(serve
         for header in ("Basic dXNlcjpwYXNzd29yZC1zM2NyZXQ=", "dXNlcjpwYXNzd29yZC1zM2NyZXQ=",
                        "Token pa55w0rd-s3cret-value"):
             assert svc.post(SERVICE, {}, headers={"Authorization": header}).status_code == 401
+            assert svc.get("/cds-services", headers={"Authorization": header}).status_code == 401
     open_service = serve_app(create_app(Settings(feedback_db=str(tmp_path / "g.sqlite3"), auth_enabled=False)))
     body = hook_request(by_name(SCENARIO), now)
     body["fhirServer"] = "http://fhir-user:fhir-s3cret@fhir.example.org/fhir"
@@ -277,6 +278,7 @@ def test_credentials_in_urls_and_authorization_headers_never_reach_the_log(serve
         assert secret not in caplog.text
     assert "[credentials]@fhir.example.org" in caplog.text  # the URL is logged, without its credentials
     assert '"outcome": "401"' in caplog.text  # refused clients are in the call line too
+    assert '{"event": "discovery", "outcome": "401", "reason": "unauthorized"}' in caplog.text
 
 
 # -- a slow FHIR server does not starve calls that do not need it ----------------------------------------

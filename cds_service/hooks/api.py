@@ -350,7 +350,14 @@ def authenticated(view: Callable[..., Response]) -> Callable[..., Response]:
     def view_for_an_authenticated_client(**route_args):
         state = current_app._get_current_object().config["CRS_CDS"]
         req = request._get_current_object()
-        return view(state, req, state.auth.authenticate(req), **route_args)
+        try:
+            client = state.auth.authenticate(req)
+        except Unauthorized as refused:  # a refusal is logged and counted like a call's
+            record_refusal(refused.kind)
+            record_call(view.__name__, "refused", refused.status, 0.0)
+            log.info(json.dumps({"event": view.__name__, "outcome": "401", "reason": "unauthorized"}))
+            raise
+        return view(state, req, client, **route_args)
 
     return view_for_an_authenticated_client
 
