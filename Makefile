@@ -40,6 +40,7 @@ bench: install fhir-server
 
 # Calls/s and p99 through nginx with 2 instances against 1, and slowloris before/after (benchmarks/README.md).
 scaleout-bench: install system-packages
+	@command -v wrk >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk)
 	$(VENV)/bin/python benchmarks/scaleout.py $(BENCH_ARGS)
 
 clean:
