@@ -4,7 +4,7 @@ VENV := .venv
 FHIR_VENV := .fhir-venv
 SEKMET_VERSION := 0.1.1
 
-.PHONY: install test fhir-server bench clean
+.PHONY: install test fhir-server system-packages bench scaleout-bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,17 @@ $(FHIR_VENV)/bin/sekmet:
 
 fhir-server: $(FHIR_VENV)/bin/sekmet
 
-test: install fhir-server
+# Real servers the tests start on loopback: Debian's nginx and the PostgreSQL 15 server binaries.
+# Installed only when missing (needs root, as on CI's fresh Debian machine).
+NGINX := /usr/sbin/nginx
+INITDB := /usr/lib/postgresql/15/bin/initdb
+
+system-packages:
+	@if [ ! -x $(NGINX) ] || [ ! -x $(INITDB) ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$([ -x $(NGINX) ] || echo nginx) $$([ -x $(INITDB) ] || echo postgresql); \
+	fi
+
+test: install fhir-server system-packages
 	CRS_CDS_SEKMET=$(FHIR_VENV)/bin/sekmet $(VENV)/bin/python -m pytest -q
 
 # Throughput, latency and memory under gunicorn against a bare Flask reference (benchmarks/README.md).
@@ -27,6 +37,11 @@ test: install fhir-server
 bench: install fhir-server
 	$(VENV)/bin/pip install --quiet '.[production]'
 	$(VENV)/bin/python benchmarks/run.py $(BENCH_ARGS)
+
+# Calls/s and p99 through nginx with 2 instances against 1, and slowloris before/after (benchmarks/README.md).
+scaleout-bench: install system-packages
+	@command -v wrk >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk)
+	$(VENV)/bin/python benchmarks/scaleout.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(FHIR_VENV) build dist *.egg-info .pytest_cache .hypothesis

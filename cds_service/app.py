@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from flask import Flask, request
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from .feedback import FeedbackStore
@@ -15,7 +15,7 @@ from .hooks.api import blueprint, discovery_document, log_call_line, warm_up_sch
 from .hooks.api import log as hooks_log
 from .hooks.auth import Authenticator
 from .hooks.openapi import openapi_blueprint
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .site import Sites
 
 log = logging.getLogger("crs_cds")
@@ -31,9 +31,25 @@ class ServiceState:
     fhir_client: FhirClient
     feedback: FeedbackStore
     auth: Authenticator
+    database: Any  # the SQLAlchemy Engine of feedback, card topics and (unless jti_db) the replay cache
     # Writes each hook call's line: through logging (hooks/api.py ``log_call_line``), or straight
     # to the service's own stderr handler while that is the only place logging would put it.
     write_call_line: Callable[[str], None]
+
+
+def open_database(settings: Settings):
+    """The service's database, its schema brought up to date first (a no-op when gunicorn's master
+    already did it, see gunicorn_conf.py). An unusable database stops start-up."""
+    from .storage import StorageError, database_url, describe_url, make_engine, prepare_database
+
+    url = database_url(settings)
+    try:
+        prepare_database(url)
+        engine = make_engine(url, pool_size=max(2, settings.threads))
+    except StorageError as exc:
+        raise SettingsError(str(exc)) from None
+    log.info("database: %s", describe_url(url))
+    return engine
 
 
 class LineFormatter(logging.Formatter):
@@ -144,10 +160,12 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     is then written to directly while logging would send it there alone (``LineHandler.writer_for``);
     without it the line goes through logging (logger ``crs_cds.hooks``)."""
     settings = config if isinstance(config, Settings) else Settings.load(**dict(config or {}))
-    auth = Authenticator.from_settings(settings)  # first: a bad trust configuration stops start-up
+    database = open_database(settings)
+    auth = Authenticator.from_settings(settings, database)  # a bad trust configuration stops start-up
     sites = Sites.from_settings(settings)
-    state = ServiceState(settings, sites, discovery_document(sites.default.templates), FhirClient(settings), FeedbackStore(settings.feedback_db),
-                         auth, call_lines_to.writer_for(hooks_log, otherwise=log_call_line) if call_lines_to
+    state = ServiceState(settings, sites, discovery_document(sites.default.templates), FhirClient(settings),
+                         FeedbackStore(database), auth, database,
+                         call_lines_to.writer_for(hooks_log, otherwise=log_call_line) if call_lines_to
                          else log_call_line)
     warm_up_schema_checks()  # compiled now, not on the first chart open
 
@@ -155,6 +173,29 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     app.config["CRS_CDS"] = state
     app.register_blueprint(blueprint)
     app.register_blueprint(openapi_blueprint)  # GET /openapi.json, no client JWT (why: hooks/openapi.py)
+
+    @app.get("/healthz")
+    def healthz():  # alive: the process answers
+        return Response('{"status":"ok"}', mimetype="application/json")
+
+    @app.get("/readyz")
+    def readyz():  # ready: settings loaded (this app exists) and the database answers
+        from .storage import ping
+
+        try:
+            ping(state.database)
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready; the reason is logged
+            log.warning("readyz: database unreachable (%s)", type(exc).__name__)
+            return Response('{"status":"unavailable","database":"unreachable"}', status=503,
+                            mimetype="application/json")
+        return Response('{"status":"ok","database":"ok"}', mimetype="application/json")
+
+    @app.get("/metrics")
+    def metrics():  # Prometheus text format; scrape it from inside the network (deploy/nginx.conf)
+        from .metrics import exposition
+
+        body, content_type = exposition()
+        return Response(body, content_type=content_type)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):

@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     sheet.set_defaults(handler=cmd_prefetch)
 
     report = commands.add_parser("feedback-report", help="accepted and overridden counts per card topic")
-    report.add_argument("--db", help="the feedback database (default: the feedback_db setting)")
+    report.add_argument("--db", help="a SQLite file or a database URL (default: database_url, else feedback_db)")
     report.add_argument("--config", help="a JSON settings file")
     report.add_argument("--json", action="store_true")
     report.set_defaults(handler=cmd_feedback_report)
@@ -334,7 +334,9 @@ def cmd_codes_survey(args: argparse.Namespace) -> int:
 def cmd_feedback_report(args: argparse.Namespace) -> int:
     from .feedback import FeedbackError, cmd_feedback_report as report
 
-    args.db = args.db or _settings(args.config).feedback_db
+    if not args.db:  # the service's database: database_url, else the SQLite file feedback_db
+        settings = _settings(args.config)
+        args.db = settings.database_url or settings.feedback_db
     try:
         return report(args)
     except FeedbackError as exc:

@@ -7,11 +7,14 @@ class ServiceError(Exception):
 
     status = 500
     code = "exception"  # FHIR OperationOutcome issue type
+    kind = "error"      # a short, fixed word for metrics and logs (refusals by reason)
 
-    def __init__(self, message: str, *, expression: str | None = None):
+    def __init__(self, message: str, *, expression: str | None = None, kind: str | None = None):
         super().__init__(message)
         self.message = message
         self.expression = expression
+        if kind is not None:
+            self.kind = kind
 
 
 class BadRequest(ServiceError):
@@ -19,6 +22,7 @@ class BadRequest(ServiceError):
 
     status = 400
     code = "invalid"
+    kind = "bad-request"
 
 
 class Unauthorized(ServiceError):
@@ -30,6 +34,7 @@ class Unauthorized(ServiceError):
 
     status = 401
     code = "login"
+    kind = "unauthorized"
 
     def __init__(self, message: str = "authentication required"):
         super().__init__(message)
@@ -38,11 +43,13 @@ class Unauthorized(ServiceError):
 class NotFound(ServiceError):
     status = 404
     code = "not-found"
+    kind = "not-found"
 
 
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "too-costly"
+    kind = "body-too-large"
 
 
 class PreconditionFailed(ServiceError):
@@ -50,8 +57,10 @@ class PreconditionFailed(ServiceError):
 
     status = 412
     code = "incomplete"
+    kind = "fhir-data-missing"
 
 
 class DependencyDown(ServiceError):
     status = 503
     code = "transient"
+    kind = "dependency-down"

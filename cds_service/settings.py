@@ -60,11 +60,17 @@ class Settings:
     jwt_leeway_seconds: int = 60               # clock skew allowed on exp/iat/nbf
     jti_db: str | None = None                  # SQLite replay cache shared by workers (else in memory)
     # HTTP edge
-    max_body_bytes: int = 5 * 1024 * 1024
+    max_body_bytes: int = 5 * 1024 * 1024      # nginx's client_max_body_size must agree (deploy/nginx.conf)
+    body_read_timeout_seconds: float = 10.0    # the whole request body, from the first read
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     external_base_url: str | None = None       # the URL clients call, when behind a proxy
     # Storage
-    feedback_db: str = "crs-cds-feedback.sqlite3"
+    feedback_db: str = "crs-cds-feedback.sqlite3"  # the SQLite file used when database_url is unset
+    database_url: str | None = None            # e.g. postgresql+psycopg://crs@db/crs: feedback, card topics, jti
+    # Serving (the shipped gunicorn configuration, cds_service/gunicorn_conf.py)
+    workers: int = 2                           # processes
+    threads: int = 8                           # threads per process: a call waiting on FHIR holds one
+    worker_timeout_seconds: int = 30           # a worker silent this long is killed (and logged)
     # Card links
     guideline_url: str = "https://doi.org/10.1016/j.bbmt.2018.12.758"
 

@@ -316,3 +316,30 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_sep("-", f"fuzz cases generated: {sum(counts.values())}")
         for name, count in sorted(counts.items()):
             terminalreporter.write_line(f"{name}: {count}")
+
+
+# -- real servers in their own processes: gunicorn, nginx, PostgreSQL (tests/servers.py) ----------
+
+from servers import Gunicorn, Postgres  # noqa: E402
+
+
+@pytest.fixture
+def gunicorn_service(tmp_path):
+    """Factory: ``gunicorn_service(**CRS_CDS_variables)`` starts the service under gunicorn."""
+    started: list[Gunicorn] = []
+
+    def start(name: str = "gunicorn", **env: str) -> Gunicorn:
+        server = Gunicorn(tmp_path, {k: str(v) for k, v in env.items()}, name)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    server = Postgres()
+    yield server
+    server.close()

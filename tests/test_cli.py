@@ -136,7 +136,6 @@ def test_feedback_report_command(tmp_path):
     db = tmp_path / "feedback.sqlite3"
     store = FeedbackStore(str(db))
     store.remember_cards("crs-icans-assessment", "h1", [("card-1", "crsIcansAssessment")])
-    store.flush()
     store.record_feedback("crs-icans-assessment", [{"card": "card-1", "outcome": "overridden",
                                                    "overrideReason": {"reason": {"code": "already-addressed",
                                                                                  "system": "x"}},

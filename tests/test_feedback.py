@@ -1,13 +1,13 @@
-"""The feedback store: a real SQLite file, several instances, threads and a forked process."""
+"""The feedback store: a real SQLite file, several instances and threads (PostgreSQL: test_scaleout.py)."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 from types import SimpleNamespace
 
 import pytest
+
 
 from cds_service import feedback as feedback_module
 from cds_service.feedback import FeedbackError, FeedbackStore, cmd_feedback_report, format_report
@@ -61,11 +61,11 @@ def card_topic_rows(path: str) -> set[tuple[str, str]]:
         conn.close()
 
 
-def test_schema_is_wal_with_a_version(db, stores):
+def test_schema_is_wal_at_the_newest_migration(db, stores):
     stores(db)
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == feedback_module.SCHEMA_VERSION
+    assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("initial_schema",)]
     conn.close()
 
 
@@ -119,7 +119,6 @@ def test_what_makes_feedback_different(db, stores):
 def test_all_override_reason_forms(db, stores):
     store = stores(db)
     store.remember_cards(SERVICE, "hook-1", [(f"card-{i}", "crs-grade") for i in range(6)])
-    assert store.flush()
     items = [
         # CDS Hooks 2.0, as the Sandbox sends it (no display).
         overridden("card-0", overrideReason={"reason": {"system": "sys", "code": "patient-declined"}}),
@@ -165,7 +164,6 @@ def test_report_groups_by_topic_and_marks_unknown_cards(db, stores):
     store.record_feedback(SERVICE, [accepted("card-a", "s1"), overridden("card-b"), accepted("card-c", "s1"),
                                     overridden("card-zzz", overrideReason={"reason": {"system": "s", "code": "r"}})])
     store.record_feedback("icans-service", [overridden("card-d")])
-    assert store.flush()
     rows = store.report()
     assert [(r["service"], r["topic"]) for r in rows] == sorted((r["service"], r["topic"]) for r in rows)
     table = by_topic(rows)
@@ -181,57 +179,26 @@ def test_report_groups_by_topic_and_marks_unknown_cards(db, stores):
 def test_a_card_uuid_is_looked_up_within_its_service(db, stores):
     store = stores(db)
     store.remember_cards("service-1", "hook-1", [("card-a", "crs-grade")])
-    assert store.flush()
     store.record_feedback("service-2", [overridden("card-a")])
     assert by_topic(store.report()).keys() == {("service-2", "unknown")}
 
 
-def test_remember_cards_leaves_the_write_to_the_writer_thread(db, stores, monkeypatch):
-    store = stores(db, timeout=30.0)
-    caller = threading.get_ident()
-    connecting_threads: list[int] = []
-    real_connect = sqlite3.connect
-
-    def counting_connect(*args, **kwargs):
-        connecting_threads.append(threading.get_ident())
-        return real_connect(*args, **kwargs)
-
-    monkeypatch.setattr(feedback_module.sqlite3, "connect", counting_connect)
-
-    # Another connection holds the write lock: a synchronous write in remember_cards would wait
-    # (up to the 30 s timeout) here, and the rows could not be in the file when it returns.
-    blocker = real_connect(db, isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")
-    try:
-        store.remember_cards(SERVICE, "hook-1", [("card-a", "crs-grade"), ("card-b", "icans-grade")])
-        assert caller not in connecting_threads
-        assert card_topic_rows(db) == set()   # WAL: a reader still sees the last committed state
-        assert not store.flush(timeout=0.2)   # the writer is stuck behind the lock, not the caller
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
-    assert store.flush(timeout=10)
-    assert card_topic_rows(db) == {("card-a", "crs-grade"), ("card-b", "icans-grade")}
-    assert connecting_threads and caller not in connecting_threads
-
-
-def test_writer_batches_and_close_writes_what_is_queued(db):
+def test_card_topics_are_in_the_database_when_remember_cards_returns(db):
     store = FeedbackStore(db)
-    for i in range(3 * feedback_module.BATCH_ROWS + 7):
+    for i in range(7):
         store.remember_cards(SERVICE, f"hook-{i}", [(f"card-{i}", "crs-grade")])
+        # No queue, no thread: another connection sees the row at once.
+        assert (f"card-{i}", "crs-grade") in card_topic_rows(db)
     store.remember_cards(SERVICE, "hook-empty", [])
     store.close()
     store.close()  # idempotent
-    assert len(card_topic_rows(db)) == 3 * feedback_module.BATCH_ROWS + 7
-    store.remember_cards(SERVICE, "late", [("card-late", "crs-grade")])  # logged and dropped, not raised
-    assert ("card-late", "crs-grade") not in card_topic_rows(db)
+    assert len(card_topic_rows(db)) == 7
 
 
 def test_remembering_a_card_twice_keeps_the_first_topic(db, stores):
     store = stores(db)
     store.remember_cards(SERVICE, "hook-1", [("card-a", "crs-grade")])
     store.remember_cards(SERVICE, "hook-1", [("card-a", "crs-grade")])
-    assert store.flush()
     assert card_topic_rows(db) == {("card-a", "crs-grade")}
 
 
@@ -267,34 +234,10 @@ def test_concurrent_feedback_from_threads_and_stores(db, stores):
     assert sum(stored for stored, _ in results) == 8 * 25 + 25
     assert sum(dup for _, dup in results) == 7 * 25
     for store in [shared, *separate]:
-        assert store.flush()
-    table = by_topic(shared.report())
+        table = by_topic(shared.report())
     assert table[(SERVICE, "crs-grade")]["overridden"] == 200
     assert sum(reasons(table[(SERVICE, "crs-grade")]).values()) == 200
     assert table[(SERVICE, "unknown")]["accepted"] == 25
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_worker_gets_its_own_writer(db, stores):
-    # gunicorn --preload builds the app (and the store) before forking its workers.
-    store = stores(db)
-    store.remember_cards(SERVICE, "parent", [("card-parent", "crs-grade")])
-    assert store.flush()
-    pid = os.fork()
-    if pid == 0:  # child: must not touch pytest state; report through the exit status
-        code = 1
-        try:
-            store.remember_cards(SERVICE, "child", [("card-child", "icans-grade")])
-            ok = store.flush(timeout=10)
-            stored = store.record_feedback(SERVICE, [overridden("card-child")])
-            store.close()
-            code = 0 if ok and stored == (1, 0) else 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert card_topic_rows(db) == {("card-parent", "crs-grade"), ("card-child", "icans-grade")}
-    assert by_topic(store.report())[(SERVICE, "icans-grade")]["overridden"] == 1
 
 
 def test_several_stores_can_create_the_schema_at_once(tmp_path):
@@ -328,12 +271,11 @@ def test_memory_databases_are_refused():
 def test_a_newer_schema_is_refused(db, stores):
     stores(db)
     conn = sqlite3.connect(db)
-    conn.execute(f"PRAGMA user_version={feedback_module.SCHEMA_VERSION + 1}")
+    conn.execute("UPDATE alembic_version SET version_num = 'from_a_newer_version'")
+    conn.commit()
     conn.close()
-    with pytest.raises(FeedbackError, match="schema version"):
+    with pytest.raises(FeedbackError, match="schema revision"):
         FeedbackStore(db)
-    with pytest.raises(FeedbackError, match="schema version"):
-        cmd_feedback_report(SimpleNamespace(db=db, json=False))
 
 
 def test_format_report_is_a_readable_table():
@@ -352,7 +294,6 @@ def test_format_report_is_a_readable_table():
 def test_cmd_feedback_report(db, stores, capsys, tmp_path):
     store = stores(db)
     store.remember_cards(SERVICE, "hook-1", [("card-a", "crs-grade")])
-    assert store.flush()
     store.record_feedback(SERVICE, [overridden("card-a", overrideReason={"reason": {"system": "s", "code": "r1"}})])
 
     assert cmd_feedback_report(SimpleNamespace(db=db, json=False)) == 0

@@ -24,6 +24,7 @@ import requests
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
+from cds_service.metrics import record_fhir_fetch
 from cds_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -266,6 +267,7 @@ class FhirClient:
                 future.cancel()  # not started yet: never starts; running: stops at its next check
                 results[key] = FetchOutcome(key, None, f"time budget exhausted ({budget:.1f} s) "
                                             f"during {description}", False, 0, time.monotonic() - start)
+        record_fhir_fetch(time.monotonic() - start, sum(1 for outcome in results.values() if outcome.failed))
         return results
 
     def _fetch_key(self, base_url: str, key: str, query: str, token: str | None,

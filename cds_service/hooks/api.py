@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socket
+import threading
 import time
 from datetime import datetime, timezone
 from functools import lru_cache, wraps
@@ -19,6 +22,7 @@ from flask import Blueprint, Request, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
+from ..metrics import record_call, record_refusal
 from .auth import AuthenticatedClient
 from .openapi import load_schema_file
 from .registry import SERVICES, SERVICES_BY_ID, gather, prefetch_templates
@@ -59,8 +63,9 @@ def schema_check(name: str) -> SchemaCheck:
 def _first_error(check: SchemaCheck, instance, where: str) -> str | None:
     if check.is_valid(instance):  # the common case, and the cheap one
         return None
-    errors = check.explainer.iter_errors(instance)
-    error = next(iter(sorted(errors, key=lambda e: list(e.absolute_path))), None)
+    # The first violation only: walking (and sorting) them all costs seconds and gigabytes on a
+    # large invalid body.
+    error = next(iter(check.explainer.iter_errors(instance)), None)
     if error is None:
         return None
     path = ".".join(_short(str(p), 80) for p in error.absolute_path)
@@ -104,30 +109,194 @@ def operation_outcome(error: ServiceError) -> dict:
     return {"resourceType": "OperationOutcome", "issue": [issue]}
 
 
-def _read_json(req: Request, limit: int) -> dict:
+# -- reading the body: bounded in time, size and shape, before any schema looks at it ---------------
+
+MAX_JSON_DEPTH = 64              # FHIR resources nest about 10 levels
+MAX_JSON_VALUES = 500_000        # values in one body (a 5 MB prefetch of FHIR JSON holds about 250,000)
+MAX_ARRAY_ITEMS = 50_000         # items in one array (fhir_max_resources_per_key is 5,000)
+MAX_OBJECT_MEMBERS = 2_000       # members of one object
+MAX_STRING_CHARS = 256 * 1024    # characters in one string or member name
+MAX_INTEGER = 10**18             # integers beyond +-this are out of range (FHIR's decimals hold 18 digits)
+
+
+class _BodyDeadlines:
+    """One thread per process that ends the body reads which overran their deadline: it shuts the
+    connection's reading side, so the blocked read returns at once (end of input) and the call is
+    answered with a 400. A per-read socket timeout would not do: a client sending a byte a second
+    never lets one read time out."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: dict[int, list] = {}   # id -> [deadline, socket, expired]
+        self._next_id = 0
+        self._pid: int | None = None
+
+    def watch(self, sock, seconds: float) -> list:
+        entry = [time.monotonic() + seconds, sock, False]
+        with self._lock:
+            if self._pid != os.getpid():  # first use in this process (threads do not survive a fork)
+                self._pid = os.getpid()
+                self._watched = {}
+                threading.Thread(target=self._run, name="crs-cds-body-deadlines", daemon=True).start()
+            self._next_id += 1
+            entry.append(self._next_id)
+            self._watched[self._next_id] = entry
+        return entry
+
+    def done(self, entry: list) -> None:
+        with self._lock:
+            self._watched.pop(entry[3], None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.1)
+            now = time.monotonic()
+            with self._lock:
+                overdue = [entry for entry in self._watched.values() if entry[0] <= now]
+                for entry in overdue:
+                    entry[2] = True
+                    del self._watched[entry[3]]
+            for entry in overdue:
+                try:
+                    entry[1].shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+
+_DEADLINES = _BodyDeadlines()
+
+
+def _read_body(req: Request, limit: int, timeout: float) -> bytes:
     # Werkzeug refuses a Content-Length above the request's limit before reading, and cuts a
     # chunked body there without a word: one byte more, so that a body cut there shows as too
     # long. Set on the request, not read from the app's config through Flask's proxies.
     req.max_content_length = limit + 1
+    environ = req.environ
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    watch = _DEADLINES.watch(sock, timeout) if sock is not None else None
     try:
         raw = req.get_data(cache=False)
         too_large = len(raw) > limit
     except RequestEntityTooLarge:
         too_large = True
+    except Exception as exc:  # noqa: BLE001 - the server's reader: bad chunk framing, a body cut short
+        if watch is not None and watch[2]:
+            raise BadRequest(f"request body not received within {timeout:g} s", kind="body-timeout") from None
+        raise BadRequest(f"request body framing is malformed or the body ended early ({type(exc).__name__})",
+                         kind="body-framing") from None
+    finally:
+        if watch is not None:
+            _DEADLINES.done(watch)
+    if watch is not None and watch[2]:
+        raise BadRequest(f"request body not received within {timeout:g} s", kind="body-timeout")
     if too_large:
         raise PayloadTooLarge(f"request body larger than {limit} bytes")
+    return raw
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _read_json(req: Request, limit: int, timeout: float = 10.0) -> dict:
+    raw = _read_body(req, limit, timeout)
+    # A cheap bound before parsing: every value but the last of an array or object ends with a comma.
+    if raw.count(b",") > MAX_JSON_VALUES:
+        raise BadRequest(f"request body holds more than {MAX_JSON_VALUES} JSON values", kind="json-limits")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        raise BadRequest(f"request body is not valid JSON: {exc}", kind="not-json") from None
     except RecursionError:
-        raise BadRequest("request body is not valid JSON: nested too deeply") from None
+        raise BadRequest("request body is not valid JSON: nested too deeply", kind="json-limits") from None
     if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
+        raise BadRequest("request body must be a JSON object", kind="not-json")
+    check_json_shape(body)
     if _may_hold_a_surrogate(raw) and _has_lone_surrogate(body):
         # json.loads lets one through; no UTF-8 text (the database, the response) can hold it.
-        raise BadRequest("request body is not valid JSON text: a UTF-16 surrogate without its pair")
+        raise BadRequest("request body is not valid JSON text: a UTF-16 surrogate without its pair", kind="not-json")
     return body
+
+
+def _where(path: tuple) -> str:
+    return ".".join(_short(str(p), 80) for p in path) or "(the body)"
+
+
+def check_json_shape(body: dict) -> None:
+    """Depth, array and object sizes, string lengths and number ranges of a parsed body, in one
+    walk without recursion, before any schema or reading code sees it: a 400 naming the place.
+
+    Why: jsonschema walks every violation of a large invalid body (gigabytes for 5 MB of nulls), and
+    a 400-digit integer reaches the reading code's float() as an OverflowError. The walk keeps no
+    path (about 10 ms a megabyte of FHIR JSON); the place of a violation is looked for afterwards."""
+    stack: list[tuple[dict | list, int]] = [(body, 1)]
+    push, pop = stack.append, stack.pop
+    values = 0
+    while stack:
+        node, depth = pop()
+        if depth > MAX_JSON_DEPTH:
+            _refuse_shape(body, lambda v, d: d > MAX_JSON_DEPTH and isinstance(v, (dict, list)),
+                          f"nested more than {MAX_JSON_DEPTH} levels deep", "json-limits")
+        values += len(node)
+        if values > MAX_JSON_VALUES:
+            raise BadRequest(f"request body holds more than {MAX_JSON_VALUES} JSON values", kind="json-limits")
+        if type(node) is dict:
+            if len(node) > MAX_OBJECT_MEMBERS:
+                _refuse_shape(body, lambda v, d: type(v) is dict and len(v) > MAX_OBJECT_MEMBERS,
+                              f"more than {MAX_OBJECT_MEMBERS} members", "json-limits")
+            for key in node:
+                if len(key) > MAX_STRING_CHARS:
+                    _refuse_shape(body, lambda v, d: type(v) is dict and any(len(k) > MAX_STRING_CHARS for k in v),
+                                  f"a member name longer than {MAX_STRING_CHARS} characters", "json-limits")
+            items = node.values()
+        else:
+            if len(node) > MAX_ARRAY_ITEMS:
+                _refuse_shape(body, lambda v, d: type(v) is list and len(v) > MAX_ARRAY_ITEMS,
+                              f"more than {MAX_ARRAY_ITEMS} items", "json-limits")
+            items = node
+        depth += 1
+        for value in items:
+            kind = type(value)
+            if kind is str:
+                if len(value) > MAX_STRING_CHARS:
+                    _refuse_shape(body, _too_long, f"longer than {MAX_STRING_CHARS} characters", "json-limits")
+            elif kind is dict or kind is list:
+                if value:
+                    push((value, depth))
+            elif kind is int:
+                if value > MAX_INTEGER or value < -MAX_INTEGER:
+                    _refuse_shape(body, _out_of_range, "number out of range (more than 18 digits)",
+                                  "number-out-of-range")
+            elif kind is float:
+                if value - value != 0.0:  # inf (e.g. 1e400) or nan
+                    _refuse_shape(body, _out_of_range, "number out of range", "number-out-of-range")
+
+
+def _too_long(value, depth: int) -> bool:
+    return type(value) is str and len(value) > MAX_STRING_CHARS
+
+
+def _out_of_range(value, depth: int) -> bool:
+    kind = type(value)
+    return ((kind is int and (value > MAX_INTEGER or value < -MAX_INTEGER))
+            or (kind is float and value - value != 0.0))
+
+
+def _refuse_shape(body: dict, wrong: Callable, what: str, kind: str):
+    """Raise the 400 for the first value (depth first, in document order) that is ``wrong``."""
+    stack: list[tuple[object, tuple, int]] = [(body, (), 1)]
+    path: tuple = ()
+    while stack:
+        value, place, depth = stack.pop()
+        if wrong(value, depth):
+            path = place
+            break
+        if isinstance(value, dict):
+            stack.extend((v, place + (k,), depth + 1) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((v, place + (i,), depth + 1) for i, v in reversed(list(enumerate(value))))
+    where = _where(path)
+    raise BadRequest(f"{where}: {what}", kind=kind, expression=where if path else None)
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -180,7 +349,14 @@ def authenticated(view: Callable[..., Response]) -> Callable[..., Response]:
     def view_for_an_authenticated_client(**route_args):
         state = current_app._get_current_object().config["CRS_CDS"]
         req = request._get_current_object()
-        return view(state, req, state.auth.authenticate(req), **route_args)
+        try:
+            client = state.auth.authenticate(req)
+        except Unauthorized as refused:  # a refusal is logged and counted like a call's
+            record_refusal(refused.kind)
+            record_call(view.__name__, "refused", refused.status, 0.0)
+            log.info(json.dumps({"event": view.__name__, "outcome": "401", "reason": "unauthorized"}))
+            raise
+        return view(state, req, client, **route_args)
 
     return view_for_an_authenticated_client
 
@@ -194,13 +370,13 @@ def discovery(state: ServiceState, req: Request, client: AuthenticatedClient | N
 def validate_hook_request(body: dict, hook: str) -> None:
     problem = _first_error(schema_check("request"), body, "request")
     if problem:
-        raise BadRequest(problem)
+        raise BadRequest(problem, kind="schema")
     if body["hook"] != hook:
         raise BadRequest(f"service expects hook {hook!r}, request has {_short(body['hook'], 60)!r}",
-                         expression="hook")
+                         expression="hook", kind="wrong-hook")
     problem = _first_error(context_check(hook), body["context"], "context")
     if problem:
-        raise BadRequest(problem)
+        raise BadRequest(problem, kind="schema")
 
 
 @lru_cache(maxsize=None)
@@ -210,16 +386,30 @@ def context_check(hook: str) -> SchemaCheck:
     return SchemaCheck(jsonschema.Draft202012Validator({**defs[hook], "$defs": defs}))
 
 
+# The calls this process is answering, by thread: a worker killed on timeout logs them (gunicorn_conf.py).
+_IN_FLIGHT: dict[int, tuple[str, float]] = {}
+
+
+def in_flight_calls() -> list[dict]:
+    now = time.perf_counter()
+    return [{"service": _short(service, 100), "running_s": round(now - started, 1)}
+            for service, started in list(_IN_FLIGHT.values())]
+
+
 @blueprint.post("/cds-services/<service_id>")
-@authenticated
-def call_service(state: ServiceState, req: Request, client: AuthenticatedClient | None, service_id: str):
+def call_service(service_id: str):
+    # Not @authenticated: a refused client is a refusal like any other, in the call's log line.
+    state: ServiceState = current_app._get_current_object().config["CRS_CDS"]
+    req = request._get_current_object()
     started = time.perf_counter()
     service = SERVICES_BY_ID.get(service_id)
-    outcome, cards, notes = "error", [], {}
+    outcome, cards, notes, client, status = "error", [], {}, None, 500
+    _IN_FLIGHT[threading.get_ident()] = (service_id, started)
     try:
+        client = state.auth.authenticate(req)
         if service is None:
             raise NotFound(f"no CDS service {service_id!r}")
-        body = _read_json(req, state.settings.max_body_bytes)
+        body = _read_json(req, state.settings.max_body_bytes, state.settings.body_read_timeout_seconds)
         hook_instance = body.get("hookInstance")
         notes["hookInstance"] = _short(hook_instance, 100) if isinstance(hook_instance, str) else None
         validate_hook_request(body, service.hook)
@@ -229,19 +419,24 @@ def call_service(state: ServiceState, req: Request, client: AuthenticatedClient 
         call = gather(service, body, site, now, state.fhir_client, state.settings, server_allowed=allowed)
         if isinstance(call, str):  # out of scope, told from the scope key alone
             notes.update(scope=call, sources={service.scope_key: "prefetch"})
-            outcome = "ok"
+            outcome, status = "ok", 200
             return Response(NO_CARDS, mimetype="application/json")
         cards = service.handler(call)
+        # Written before the answer leaves: feedback on these cards may arrive at any instance.
         state.feedback.remember_cards(service_id, body["hookInstance"],
                                       [(card["uuid"], card["source"]["topic"]["code"]) for card in cards])
         notes.update(call.notes)
-        outcome = "ok"
+        outcome, status = "ok", 200
         return json_response({"cards": cards})
     except ServiceError as error:
-        outcome = f"{error.status}"
+        outcome, status = f"{error.status}", error.status
         notes["reason"] = error.message
+        record_refusal(error.kind)
         raise
     finally:
+        _IN_FLIGHT.pop(threading.get_ident(), None)
+        record_call(service_id if service is not None else "(unknown)", "ok" if status == 200 else
+                    ("refused" if status < 500 else "error"), status, time.perf_counter() - started)
         if log.isEnabledFor(logging.INFO):  # the line costs a JSON encoding: only when it is kept
             _log_call(state.write_call_line, service_id, client, started, outcome, cards, notes)
 
@@ -276,17 +471,37 @@ def log_call_line(line: str) -> None:
 
 
 @blueprint.post("/cds-services/<service_id>/feedback")
-@authenticated
-def feedback(state: ServiceState, req: Request, client: AuthenticatedClient | None, service_id: str):
-    if service_id not in SERVICES_BY_ID:
-        raise NotFound(f"no CDS service {service_id!r}")
-    body = _read_json(req, state.settings.max_body_bytes)
-    problem = _first_error(schema_check("feedback"), body, "feedback")
-    if problem:
-        raise BadRequest(problem)
-    stored, duplicates = state.feedback.record_feedback(service_id, body["feedback"])
-    log.info(json.dumps({"event": "feedback", "service": service_id, "stored": stored, "duplicates": duplicates}))
-    return json_response({"stored": stored, "duplicates": duplicates})
+def feedback(service_id: str):
+    state: ServiceState = current_app._get_current_object().config["CRS_CDS"]
+    req = request._get_current_object()
+    started = time.perf_counter()
+    line: dict = {"event": "feedback", "service": _short(service_id, 100), "outcome": "error"}
+    status = 500
+    _IN_FLIGHT[threading.get_ident()] = (f"{service_id}/feedback", started)
+    try:
+        client = state.auth.authenticate(req)
+        line["iss"] = client.iss if client is not None else None
+        if service_id not in SERVICES_BY_ID:
+            raise NotFound(f"no CDS service {service_id!r}")
+        body = _read_json(req, state.settings.max_body_bytes, state.settings.body_read_timeout_seconds)
+        problem = _first_error(schema_check("feedback"), body, "feedback")
+        if problem:
+            raise BadRequest(problem, kind="schema")
+        stored, duplicates = state.feedback.record_feedback(service_id, body["feedback"])
+        line.update(outcome="ok", stored=stored, duplicates=duplicates)
+        status = 200
+        return json_response({"stored": stored, "duplicates": duplicates})
+    except ServiceError as error:
+        status = error.status
+        line.update(outcome=f"{error.status}", reason=error.message)
+        record_refusal(error.kind)
+        raise
+    finally:
+        _IN_FLIGHT.pop(threading.get_ident(), None)
+        record_call("feedback", "ok" if status == 200 else ("refused" if status < 500 else "error"), status,
+                    time.perf_counter() - started)
+        line["ms"] = round((time.perf_counter() - started) * 1000, 1)
+        log.info(json.dumps(line))
 
 
 def warm_up_schema_checks() -> None:

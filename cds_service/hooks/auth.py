@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from ..errors import Unauthorized
+from ..redact import strip_credentials
 from ..settings import Settings, SettingsError
 
 log = logging.getLogger("crs_cds.auth")
@@ -285,14 +285,14 @@ class JwksCache:
     def _refresh(self, entry: _KeySet, url: str, now: float) -> None:
         entry.last_attempt = now
         try:
-            keys = _parse_jwks(self._get(url), strict=False, where=f"JWK Set {url}")
+            keys = _parse_jwks(self._get(url), strict=False, where=f"JWK Set {strip_credentials(url)}")
         except (ValueError, requests.RequestException) as exc:
             reason = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
             kept = f"keeping {len(entry.keys)} cached key(s)" if entry.keys else "no keys cached"
-            log.warning("JWK Set %s could not be fetched (%s); %s", url, reason, kept)
+            log.warning("JWK Set %s could not be fetched (%s); %s", strip_credentials(url), reason, kept)
             return
         entry.keys, entry.fetched_at = keys, now
-        log.info("JWK Set %s fetched: %d key(s)", url, len(keys))
+        log.info("JWK Set %s fetched: %d key(s)", strip_credentials(url), len(keys))
 
     def _get(self, url: str) -> Any:
         with self.session.get(url, timeout=(self.timeout, self.timeout), stream=True, allow_redirects=False,
@@ -320,7 +320,7 @@ class MemoryReplayCache:
     """Seen ``(iss, jti)`` pairs until their token expires, in this process's memory.
 
     With several gunicorn workers each worker has its own cache, so a token replayed to another
-    worker is not caught: set ``jti_db`` (:class:`SqliteReplayCache`) to share one.
+    worker is not caught: the service uses its database instead (:func:`database_replay_cache`).
     """
 
     def __init__(self, clock: Callable[[], float] = time.time):
@@ -342,56 +342,17 @@ class MemoryReplayCache:
             return True
 
 
-class SqliteReplayCache:
-    """Seen ``(iss, jti)`` pairs in a SQLite file, shared by every worker process on the host.
+def database_replay_cache(where) -> Any:
+    """The replay cache in a database: an Engine (the service's), or a SQLite file path (``jti_db``)."""
+    from ..storage import DatabaseReplayCache, StorageError, make_engine, prepare_database, sqlite_url
 
-    The primary key makes the check and the insert one atomic step across processes.
-    """
-
-    _SCHEMA = ("CREATE TABLE IF NOT EXISTS seen_jti (iss TEXT NOT NULL, jti TEXT NOT NULL, "
-               "expires_at REAL NOT NULL, PRIMARY KEY (iss, jti)) WITHOUT ROWID;"
-               "CREATE INDEX IF NOT EXISTS seen_jti_expiry ON seen_jti (expires_at);")
-
-    def __init__(self, path: str, clock: Callable[[], float] = time.time):
-        self.path = str(path)
-        self.clock = clock
-        self._next_purge = 0.0
+    if isinstance(where, str):
         try:
-            con = self._connect()
-            try:
-                con.execute("PRAGMA journal_mode=WAL")
-                con.executescript(self._SCHEMA)
-            finally:
-                con.close()
-        except sqlite3.Error as exc:
-            raise AuthConfigError(f"jti_db {self.path}: cannot be used ({exc})") from None
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=5, isolation_level=None)
-
-    def first_use(self, iss: str, jti: str, expires_at: float) -> bool:
-        now = self.clock()
-        con = self._connect()
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            if now >= self._next_purge:
-                con.execute("DELETE FROM seen_jti WHERE expires_at <= ?", (now,))
-                self._next_purge = now + 60
-            else:
-                con.execute("DELETE FROM seen_jti WHERE iss = ? AND jti = ? AND expires_at <= ?", (iss, jti, now))
-            try:
-                con.execute("INSERT INTO seen_jti (iss, jti, expires_at) VALUES (?, ?, ?)", (iss, jti, expires_at))
-                fresh = True
-            except sqlite3.IntegrityError:
-                fresh = False
-            con.execute("COMMIT")
-            return fresh
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-        finally:
-            con.close()
+            prepare_database(sqlite_url(where))
+            where = make_engine(sqlite_url(where))
+        except StorageError as exc:
+            raise AuthConfigError(f"jti_db {where}: cannot be used ({exc})") from None
+    return DatabaseReplayCache(where)
 
 
 # -- trusted issuers --------------------------------------------------------------------------------
@@ -502,6 +463,8 @@ class AuthenticatedClient:
 
 
 def _short(value: Any, limit: int = 200) -> Any:
+    """A value fit for a log line: cut at ``limit`` characters, any URL's credentials removed."""
+    value = strip_credentials(value)
     if isinstance(value, str) and len(value) > limit:
         return value[:limit] + "..."
     return value if value is None or isinstance(value, (str, int, float)) else type(value).__name__
@@ -517,7 +480,7 @@ class Authenticator:
     def __init__(self, enabled: bool, issuers: dict[str, TrustedIssuer] | None = None, *,
                  leeway: int = 60, external_base_url: str | None = None,
                  allowed_fhir_servers: Iterable[BaseUrl] = (), jwks: JwksCache | None = None,
-                 replay: MemoryReplayCache | SqliteReplayCache | None = None):
+                 replay: Any = None):
         self.enabled = enabled
         self.issuers = issuers or {}
         self.leeway = leeway
@@ -527,7 +490,9 @@ class Authenticator:
         self.replay = replay or MemoryReplayCache()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Authenticator":
+    def from_settings(cls, settings: Settings, database: Any = None) -> "Authenticator":
+        """``database``: the service's Engine, which holds the replay cache unless ``jti_db`` names a
+        SQLite file of its own; with neither, each process keeps its own cache in memory."""
         allowed = []
         for url in settings.allowed_fhir_servers:
             parsed = parse_base_url(url)
@@ -551,12 +516,20 @@ class Authenticator:
                                   "auth_enabled=false turns authentication off")
         if not 0 <= settings.jwt_leeway_seconds <= 600:
             raise AuthConfigError(f"jwt_leeway_seconds must be 0 to 600, got {settings.jwt_leeway_seconds}")
-        replay = SqliteReplayCache(settings.jti_db) if settings.jti_db else MemoryReplayCache()
+        if settings.jti_db:
+            replay, where = database_replay_cache(settings.jti_db), settings.jti_db
+        elif database is not None:
+            from ..storage import describe_url
+
+            replay, where = database_replay_cache(database), describe_url(str(database.url))
+        else:
+            replay, where = MemoryReplayCache(), "in memory (per process)"
         if not settings.external_base_url:
             log.warning("external_base_url is not set: the expected JWT aud is built from each request's Host "
                         "header; set external_base_url in production")
-        log.info("client authentication on; trusted issuers: %s; jti cache: %s", ", ".join(sorted(issuers)),
-                 settings.jti_db or "in memory (per process)")
+        log.info("client authentication on; trusted issuers: %s; jti cache: %s",
+                 ", ".join(sorted(strip_credentials(iss) for iss in issuers)),
+                 where)
         return cls(True, issuers, leeway=settings.jwt_leeway_seconds, external_base_url=settings.external_base_url,
                    allowed_fhir_servers=allowed, replay=replay)
 
@@ -580,8 +553,9 @@ class Authenticator:
                 raise _Refused("no Authorization header")
             scheme, _, token = header.strip().partition(" ")
             token = token.strip()
-            if scheme.lower() != "bearer":
-                raise _Refused(f"Authorization scheme is {_short(scheme, 20)!r}, not Bearer")
+            if scheme.lower() != "bearer":  # no part of the value is logged: it may be a password
+                token = None
+                raise _Refused("Authorization scheme is not Bearer")
             client = self._verify(token, self.expected_audience(request), seen)
         except _Refused as refused:
             reason = str(refused)
