@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from flask import Flask, request
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from .clinical.protocol import Protocol
@@ -16,7 +16,7 @@ from .hooks.api import blueprint, discovery_document, log_call_line, prefetch_te
 from .hooks.api import log as hooks_log
 from .hooks.auth import Authenticator
 from .hooks.openapi import openapi_blueprint
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .terminology import load_terminology
 
 log = logging.getLogger("crs_cds")
@@ -37,6 +37,7 @@ class ServiceState:
     # Writes each hook call's line: through logging (hooks/api.py ``log_call_line``), or straight
     # to the service's own stderr handler while that is the only place logging would put it.
     write_call_line: Callable[[str], None]
+    tz: Any = None  # the site's time zone (settings.time_zone), for the words of the cards
 
 
 class LineFormatter(logging.Formatter):
@@ -141,19 +142,30 @@ def configure_logging() -> LineHandler | None:
     return handler
 
 
+def site_time_zone(settings: Settings):
+    """The IANA time zone of ``settings.time_zone``; an unknown name stops start-up."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(settings.time_zone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise SettingsError(f"setting time_zone: unknown IANA time zone {settings.time_zone!r}") from exc
+
+
 def create_app(config: Settings | Mapping[str, Any] | None = None, *,
                call_lines_to: LineHandler | None = None) -> Flask:
     """``call_lines_to``: the handler ``configure_logging`` installed, which each hook call's line
     is then written to directly while logging would send it there alone (``LineHandler.writer_for``);
     without it the line goes through logging (logger ``crs_cds.hooks``)."""
     settings = config if isinstance(config, Settings) else Settings.load(**dict(config or {}))
+    tz = site_time_zone(settings)
     auth = Authenticator.from_settings(settings)  # first: a bad trust configuration stops start-up
     terminology = load_terminology(tuple(settings.terminology_dirs))
     templates = prefetch_templates(terminology)
     state = ServiceState(settings, Protocol.load(settings.protocol_file), terminology, templates,
                          discovery_document(templates), FhirClient(settings), FeedbackStore(settings.feedback_db),
                          auth, call_lines_to.writer_for(hooks_log, otherwise=log_call_line) if call_lines_to
-                         else log_call_line)
+                         else log_call_line, tz)
     # Import fhir.resources and compile the request schemas now, not on the first chart open.
     from .clinical.facts import validation_error
 
@@ -164,6 +176,15 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     app.config["CRS_CDS"] = state
     app.register_blueprint(blueprint)
     app.register_blueprint(openapi_blueprint)  # GET /openapi.json, no client JWT (why: hooks/openapi.py)
+
+    @app.get("/protocol")
+    def protocol_document():
+        """The protocol in force (default or site file) as a readable Markdown document, which the
+        cards link to. No patient data and nothing the package does not publish: no client JWT, so
+        that a clinician can follow the link from a card."""
+        from .clinical.protocol import protocol_markdown
+
+        return Response(protocol_markdown(state.protocol), mimetype="text/markdown")
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):

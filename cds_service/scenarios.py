@@ -803,8 +803,9 @@ SCENARIOS: list[Scenario] = [
              "Prophylactic dexamethasone after axi-cel before any fever, now SBP 84 without fever: no CRS grade "
              "(prophylaxis is not a waiver) but a warning to evaluate possible masked CRS.",
              0, 0, _possible_masked_crs,
-             expected_topics=_topics("possible-masked-crs", "antifungal-prophylaxis"),
-             absent_topics=_topics("tocilizumab", "fever-masked", "infection-workup", "crs-management")),
+             expected_topics=_topics("possible-masked-crs"),
+             absent_topics=_topics("tocilizumab", "fever-masked", "infection-workup", "crs-management",
+                                   "antifungal-prophylaxis")),  # prophylaxis: not a steroid for CRS/ICANS
     # ---- ICANS ----
     Scenario("icans1-ice8", "ICE 8, afebrile",
              "ICE 8 and awakens spontaneously on day 5 after tisa-cel, afebrile for 40 h: ICANS 1, no steroids.",

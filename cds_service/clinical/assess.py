@@ -1,14 +1,14 @@
 """One patient, one moment: FHIR resources in, CRS and ICANS grades with recommendations out."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Iterable, Mapping
 
 from ..terminology import Terminology, load_terminology
 from .crs import grade_crs
 from .facts import extract_facts
 from .icans import grade_icans
-from .model import Assessment, Grade, Unreadable
+from .model import Assessment, Grade, Unreadable, clock
 from .protocol import Protocol, default_protocol
 from .recommend import recommend
 from .scope import Situation, age_on, find_episode, observation_horizon
@@ -20,13 +20,14 @@ def _not_graded(syndrome: str, reason: str) -> Grade:
 
 def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | None = None,
            terminology: Terminology | None = None, unread_sources: Iterable[Unreadable] = (),
-           grade: bool = True) -> Assessment:
+           grade: bool = True, tz=None) -> Assessment:
     """Grade a patient from their FHIR resources at ``now`` (timezone-aware).
 
     ``unread_sources`` lists whole sources the caller could not read (a failed fetch, an
     OperationOutcome in a prefetch key): grades become "at least N" and name them.
     ``grade=False`` only tells whether, and since when, the patient is in scope (no Observation is
-    read; both grades are None), for callers that need no more.
+    read; both grades are None), for callers that need no more. ``tz`` (the site's time zone)
+    changes only how times read in the words.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -46,14 +47,13 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
                           _not_graded("ICANS", reason), facts.patient_id, unreadable=facts.unreadable,
                           assessable=not medication_unread)
     latest = episode.latest
-    scope_reason = (f"{latest.agent} {latest.start:%Y-%m-%d %H:%M} UTC, "
-                    f"day {(now - episode.start).days} of the episode")
+    scope_reason = f"{latest.agent} {clock(latest.start, tz, now)}, day {(now - episode.start).days} of the episode"
     if not grade:
         reason = "not graded: no check needed the grades"
         return Assessment(now, protocol.label, True, scope_reason, _not_graded("CRS", reason),
                           _not_graded("ICANS", reason), facts.patient_id, latest.evidence(f"{latest.agent} given"),
-                          unreadable=facts.unreadable, iec_car_t="car-t-products" in latest.categories)
-    situation = Situation(facts, now, protocol, episode, age_on(facts.birth_date, now))
+                          unreadable=facts.unreadable, iec_car_t="car-t-products" in latest.categories, tz=tz)
+    situation = Situation(facts, now, protocol, episode, age_on(facts.birth_date, now), tz or timezone.utc)
     icans = grade_icans(situation) if episode.icans_in_scope else _not_graded("ICANS", "outside the ICANS window")
     if episode.crs_in_scope:
         crs = grade_crs(situation, icans.value)
@@ -65,7 +65,7 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
             grade.missing = [f"{u.reference}: {u.reason}" for u in facts.unreadable]
     return Assessment(now, protocol.label, True, scope_reason, crs, icans, facts.patient_id,
                       latest.evidence(f"{latest.agent} given"), recommend(situation, crs, icans), facts.unreadable,
-                      iec_car_t="car-t-products" in latest.categories, situation=situation)
+                      iec_car_t="car-t-products" in latest.categories, situation=situation, tz=situation.tz)
 
 
 def out_of_scope_reason(administrations: Iterable[Mapping], now: datetime, protocol: Protocol,

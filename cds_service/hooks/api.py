@@ -211,6 +211,12 @@ def context_check(hook: str) -> SchemaCheck:
     return SchemaCheck(jsonschema.Draft202012Validator({**defs[hook], "$defs": defs}))
 
 
+def protocol_url(state: ServiceState, req: Request) -> str:
+    """Where this service serves the document of the protocol it applies (cards link to it)."""
+    base = state.settings.external_base_url or req.host_url
+    return base.rstrip("/") + "/protocol"
+
+
 @blueprint.post("/cds-services/<service_id>")
 @authenticated
 def call_service(state: ServiceState, req: Request, client: AuthenticatedClient | None, service_id: str):
@@ -235,7 +241,8 @@ def call_service(state: ServiceState, req: Request, client: AuthenticatedClient 
         gathered = resolve_prefetch(templates, body, state.fhir_client, state.settings, set(service.required_keys),
                                     server_allowed=allowed, cutoffs=prefetch_cutoffs(state.protocol, now))
         call = HookCall(service, body, gathered.resources, gathered.failures, now,
-                        state.protocol, state.terminology)
+                        state.protocol, state.terminology, tz=state.tz or timezone.utc,
+                        quiet_when_normal=state.settings.quiet_when_normal, protocol_url=protocol_url(state, req))
         cards = service.handler(call)
         state.feedback.remember_cards(service_id, body["hookInstance"],
                                       [(card["uuid"], card["source"]["topic"]["code"]) for card in cards])

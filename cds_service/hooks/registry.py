@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone, tzinfo
 from functools import lru_cache
 from typing import Callable
 
@@ -26,7 +26,7 @@ log = logging.getLogger("crs_cds.hooks")
 # What each Observation prefetch key asks for, by ValueSet (a site's local codes join automatically).
 OBSERVATION_KEYS = {
     "temperatures": ("body-temperature",),
-    "bloodPressures": ("systolic-blood-pressure", "blood-pressure-panel"),
+    "bloodPressures": ("systolic-blood-pressure", "blood-pressure-panel", "mean-arterial-pressure"),
     "oxygen": ("oxygen-flow-rate", "oxygen-delivery-method", "pulse-oximetry"),
     "assessments": ("body-weight", "ferritin", "c-reactive-protein"),
 }
@@ -45,6 +45,9 @@ class HookCall:
     protocol: Protocol
     terminology: Terminology
     notes: dict = field(default_factory=dict)  # for the call's log line
+    tz: tzinfo = timezone.utc                  # the site's time zone, for the words of the cards
+    quiet_when_normal: bool = True             # no card for a normal in-scope patient
+    protocol_url: str | None = None            # where the protocol document is served, for card links
 
     @property
     def context(self) -> dict:
@@ -105,7 +108,7 @@ def prefetch_cutoffs(protocol: Protocol, now: datetime) -> dict[str, datetime]:
 
 
 def _assess_or_412(call: HookCall) -> Assessment:
-    assessment = assess(call.resources, call.now, call.protocol, call.terminology, call.unread)
+    assessment = assess(call.resources, call.now, call.protocol, call.terminology, call.unread, tz=call.tz)
     if not assessment.assessable:
         raise PreconditionFailed("the patient's medication administrations could not be read, so whether "
                                  "IEC therapy was given cannot be told: "
@@ -149,7 +152,7 @@ def _never_in_scope_memo(template: str, terminology: Terminology, in_scope_statu
 def patient_view(call: HookCall) -> list[dict]:
     """CRS and ICANS grades with evidence, dosing and pitfalls; no card when out of scope."""
     assessment = _assess_or_412(call)
-    return assessment_cards(assessment, call.terminology)
+    return assessment_cards(assessment, call.terminology, call.quiet_when_normal, call.protocol_url)
 
 
 def _draft_resources(call: HookCall) -> list[dict]:
@@ -174,11 +177,11 @@ def order_select(call: HookCall) -> list[dict]:
 
 def _order_checks(call: HookCall, selections: list[str] | None) -> list[dict]:
     assessment, findings = review_orders(_draft_resources(call), call.resources, call.now, selections,
-                                         call.protocol, call.terminology, call.unread)
+                                         call.protocol, call.terminology, call.unread, tz=call.tz)
     if not assessment.assessable:
         raise PreconditionFailed("the patient's medication administrations could not be read")
     call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
-    return finding_cards(findings, assessment, call.terminology)
+    return finding_cards(findings, assessment, call.terminology, call.protocol_url)
 
 
 ALL_KEYS = ("patient", *OBSERVATION_KEYS, "medications")
