@@ -201,6 +201,11 @@ class Chart:
                           component=[component(_vs_coding("systolic-blood-pressure", "8480-6"), systolic),
                                      component({"system": system, "code": code, "display": display}, diastolic)])
 
+    def mean_bp(self, mmhg: int, hours_ago: float) -> None:
+        """A documented mean arterial pressure (LOINC 8478-0), as a monitor charts it."""
+        self._observation("map", "vital-signs", self._loinc("mean-arterial-pressure", "8478-0", "MAP"),
+                          self._at(hours_ago), valueQuantity=_quantity(mmhg, "mmHg", "mm[Hg]"))
+
     def o2_device(self, device: tuple, hours_ago: float) -> None:
         """Method of oxygen delivery (LOINC 107117-4) with a SNOMED device from the ValueSets."""
         valueset, code, text = device

@@ -269,8 +269,8 @@ def positive_pressure_flags(s: Situation, icans_grade: int | None) -> list[Flag]
     Source: decisions.md 3; reference.md edge case 18."""
     flags = []
     if icans_grade is not None and icans_grade >= 3:
-        flags.append(Flag("airway-protection", "Positive pressure with ICANS grade >= 3 may be airway protection, "
-                                               "not hypoxia: counted as CRS grade 4; review."))
+        flags.append(Flag("airway-protection", "Positive pressure with ICANS grade >= 3 may be airway protection: "
+                                               "counted as CRS grade 4; review."))
     return flags
 
 
@@ -316,8 +316,8 @@ def _grade_from_fever(s: Situation, severity: int, drivers: list[Tier], evidence
     if waiver and severity >= 2:
         first_fever, treatment = waiver
         flags.append(Flag("fever-masked",
-                          f"Fever not required: {treatment.agent} given {s.at(treatment.start)} after fever "
-                          f"{first_fever.value:g} °C; grade driven by " + " and ".join(t.text for t in drivers) + ".",
+                          f"{treatment.agent} given {s.at(treatment.start)} after fever {first_fever.value:g} °C: fever "
+                          "no longer required, grade from " + " and ".join(t.text for t in drivers) + ".",
                           (first_fever.evidence(), treatment.evidence())))
         reason = " and ".join(t.text for t in drivers) + " (fever waived after treatment)"
         return Grade("CRS", severity, reason, ASTCT + "; fever waiver", window, evidence, flags)

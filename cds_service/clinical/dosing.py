@@ -120,9 +120,10 @@ class SteroidDose:
 def _per_kg(s: Situation, per_kg: float, maximum: float, weight: Reading) -> tuple[float, str]:
     step = s.protocol["pediatric"]["round_to_mg"]
     raw = per_kg * weight.value
-    dose = min(round(round(raw / step) * step, 1), maximum)
-    capped = " (the maximum)" if dose == maximum and raw > maximum else ""
-    return dose, f"{per_kg:g} mg/kg x {weight.value:g} kg = {dose:g} mg{capped}, max {maximum:g} mg"
+    rounded = round(round(raw / step) * step, 1)
+    if rounded > maximum:
+        return maximum, f"{per_kg:g} mg/kg x {weight.value:g} kg = {rounded:g} mg, capped at {maximum:g} mg"
+    return rounded, f"{per_kg:g} mg/kg x {weight.value:g} kg = {rounded:g} mg, max {maximum:g} mg"
 
 
 def steroid_dose(s: Situation, key: str) -> SteroidDose:

@@ -329,7 +329,7 @@ def corticosteroid(s: Situation, plan: Plan, crs: Grade) -> list[Recommendation]
     crs_entry = s.protocol["crs_management"].get(str(plan.crs)) if plan.crs else None
     if crs_entry and crs_entry.get("early_steroid_product_steroid") and s.episode.has_early_steroid_product():
         alternative = steroid_dose(s, crs_entry["early_steroid_product_steroid"])
-        detail.append(f"Axicabtagene ciloleucel or brexucabtagene autoleucel: consider {alternative.text}.")
+        detail.append(f"Axi-cel or brexu-cel: consider {alternative.text}.")
     if plan.crs >= 2 and plan.icans >= 2:
         detail.append("With CRS and ICANS, steroids do not wait for tocilizumab.")
     if not dose.after_text:
@@ -405,7 +405,7 @@ def fever_masked(s: Situation, crs: Grade) -> list[Recommendation]:
     flag = next((f for f in crs.flags if f.code == "fever-masked"), None)
     if flag is None:
         return []
-    return [_rec(s, "fever-masked", "info", "Fever masked by treatment: grade from hypotension/hypoxia",
+    return [_rec(s, "fever-masked", "info", "Fever masked by treatment",
                  [flag.text], "astct", evidence=list(flag.evidence))]
 
 
@@ -447,8 +447,8 @@ def antifungal_prophylaxis(s: Situation, plan: Plan) -> list[Recommendation]:
     if not given:
         return []
     last = given[-1]
-    return [_rec(s, "antifungal-prophylaxis", "info", "On corticosteroids for CRS/ICANS: antifungal prophylaxis",
-                 [f"Start antifungal prophylaxis: {last.agent} given {s.at(last.start)} for CRS/ICANS."],
+    return [_rec(s, "antifungal-prophylaxis", "info", "Antifungal prophylaxis",
+                 [f"{last.agent} for CRS/ICANS given {s.at(last.start)}."],
                  s.protocol["antifungal"]["source"], evidence=[last.evidence()])]
 
 
@@ -459,7 +459,8 @@ def infection_workup(s: Situation, plan: Plan) -> list[Recommendation]:
     if plan.crs == 0:
         return []
     return [_rec(s, "infection-workup", "info", "Infection",
-                 ["blood and urine cultures, chest X-ray, antibiotics if neutropenic; treat CRS without waiting"],
+                 ["rule out sepsis, pneumonia, fluid overload: cultures, chest X-ray, antibiotics if neutropenic; "
+                  "treat CRS without waiting"],
                  s.protocol["infection_source"])]
 
 
@@ -481,9 +482,22 @@ def hlh_mas(s: Situation, plan: Plan) -> list[Recommendation]:
                  rules["source"], "hlh", evidence=[peak.evidence()])]
 
 
+def _label_once(s: Situation, recs: list[Recommendation]) -> list[Recommendation]:
+    """The pediatric label in full the first time, "pediatric weight-based" after (nothing twice)."""
+    label = s.protocol["pediatric"]["label"]
+    seen = False
+    for r in recs:
+        for i, line in enumerate(r.detail):
+            if label in line:
+                if seen:
+                    r.detail[i] = line.replace(label, "pediatric weight-based")
+                seen = True
+    return recs
+
+
 def recommend(s: Situation, crs: Grade, icans: Grade) -> list[Recommendation]:
     plan = make_plan(s, crs, icans)
-    return [
+    return _label_once(s, [
         *tocilizumab(s, plan),
         *corticosteroid(s, plan, crs),
         *crs_management(s, plan, crs),
@@ -497,4 +511,4 @@ def recommend(s: Situation, crs: Grade, icans: Grade) -> list[Recommendation]:
         *infection_workup(s, plan),
         *antifungal_prophylaxis(s, plan),
         *background(s, plan),
-    ]
+    ])

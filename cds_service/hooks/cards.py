@@ -88,7 +88,9 @@ def _grade_markdown(grade: Grade, assessment: Assessment) -> list[str]:
     evidence = [e.phrase(assessment.tz, assessment.now) for e in grade.evidence]
     head = f"**{grade.text}**" + (": " + "; ".join(evidence) if evidence else f": {grade.reason}" if grade.value else "")
     lines = [head]
-    lines += [f"- ⚠ {flag.text}" for flag in grade.flags if flag.code not in FLAGS_WITH_THEIR_OWN_ADVICE]
+    said_elsewhere = FLAGS_WITH_THEIR_OWN_ADVICE | (
+        {"attribution"} if assessment.recommendation("infection-workup") else set())  # its line says it
+    lines += [f"- ⚠ {flag.text}" for flag in grade.flags if flag.code not in said_elsewhere]
     return lines
 
 
