@@ -55,6 +55,19 @@ def cmd_grade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_protocol_show(args: argparse.Namespace) -> int:
+    """The protocol in force (the default, or a site file merged over it), checked, as JSON or as
+    the readable Markdown document the cards link to."""
+    from .clinical.protocol import protocol_markdown
+
+    protocol = _protocol(args.protocol)
+    if args.markdown:
+        sys.stdout.write(protocol_markdown(protocol))
+    else:
+        print(json.dumps(protocol.data, indent=2, ensure_ascii=False))
+    return 0
+
+
 def cmd_scenarios_write(args: argparse.Namespace) -> int:
     from .scenarios import SCENARIOS
 
@@ -91,10 +104,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import configure_logging, create_app
     from .settings import SettingsError
 
+    from .clinical.protocol import ProtocolError
+
     handler = configure_logging()
     try:
         app = create_app(_settings(args.config), call_lines_to=handler)
-    except SettingsError as exc:  # e.g. auth on and no trusted issuers
+    except (SettingsError, ProtocolError) as exc:  # e.g. auth on and no trusted issuers; a bad site protocol
         raise CliError(str(exc)) from None
     app.run(host=args.host, port=args.port, threaded=True)
     return 0
@@ -160,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--json", action="store_true", help="print the assessment as JSON")
     grade.add_argument("--protocol", help="a site protocol file overriding the default protocol")
     grade.set_defaults(handler=cmd_grade)
+
+    protocol = commands.add_parser("protocol", help="the clinical protocol (default or site file)")
+    protocol_commands = protocol.add_subparsers(dest="protocol_command", required=True)
+    show = protocol_commands.add_parser("show", help="print the protocol in force, checked against its schema")
+    show.add_argument("--protocol", help="a site protocol file overriding the default protocol")
+    show.add_argument("--markdown", action="store_true", help="as the readable Markdown document")
+    show.set_defaults(handler=cmd_protocol_show)
 
     scenarios = commands.add_parser("scenarios", help="the built-in clinical scenario library")
     scenario_commands = scenarios.add_subparsers(dest="scenario_command", required=True)

@@ -495,3 +495,63 @@ def test_the_card_carrying_the_tocilizumab_order_is_critical():
     cards = assessment_cards(assess(with_crs(chart(), 2).resources, NOW), TERMS)
     carrying = [c for c in cards if any("tocilizumab" in s["label"] for s in c.get("suggestions", []))]
     assert carrying and all(c["indicator"] == "critical" for c in carrying)
+
+
+# ---- The protocol: a document made from its data, a schema checked at load ---------------------------
+
+def test_the_committed_protocol_document_matches_the_protocol_data():
+    from pathlib import Path
+
+    from cds_service.clinical.protocol import default_protocol, protocol_markdown
+
+    document = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+    assert document.read_text(encoding="utf-8") == protocol_markdown(default_protocol()), \
+        "regenerate: crs-cds protocol show --markdown > docs/protocol.md"
+
+
+def test_every_rule_a_card_cites_is_in_the_protocol_document():
+    from cds_service.clinical.protocol import default_protocol, protocol_markdown
+
+    document = protocol_markdown(default_protocol())
+    cited = set()
+    for _, assessment, cards in scenario_answers():
+        for r in assessment.recommendations:
+            cited |= set(re.findall(r", rule ([\w.\[\]]+)", r.source))
+    assert cited
+    for rule in cited:
+        assert f"`{rule}`" in document, rule
+
+
+@pytest.mark.parametrize("site, message", [
+    ({"tocilizumab": {"max_dose": 600}}, "unknown key 'tocilizumab.max_dose'"),
+    ({"tocilizumab": {"max_dose_mg": "800"}}, "key 'tocilizumab.max_dose_mg': '800' is not of type 'number'"),
+    ({"tocilizumab": {"max_doses_per_24h": 0}}, "key 'tocilizumab.max_doses_per_24h': 0 is less than the minimum of 1"),
+    ({"infusion_carry_hours": 0}, "key 'infusion_carry_hours': 0 is less than or equal to the minimum of 0"),
+    ({"crs_management": {"3": {"steroid": "dex-typo"}}}, "no steroid regimen 'dex-typo'"),
+    ({"hlh": {"source": "seed 000"}}, "no citation 'seed 000'"),
+])
+def test_a_site_protocol_with_an_unknown_key_wrong_type_or_range_is_refused(tmp_path, site, message):
+    from cds_service.clinical import Protocol, ProtocolError
+
+    path = tmp_path / "site-protocol.json"
+    path.write_text(json.dumps(site))
+    with pytest.raises(ProtocolError) as error:
+        Protocol.load(path)
+    assert message in str(error.value) and str(path) in str(error.value)
+
+
+def test_a_bad_site_protocol_stops_start_up(tmp_path):
+    from cds_service.app import create_app
+    from cds_service.clinical import ProtocolError
+    from cds_service.settings import Settings
+
+    path = tmp_path / "site-protocol.json"
+    path.write_text(json.dumps({"tocilizumab": {"max_dose": 600}}))
+    with pytest.raises(ProtocolError, match="unknown key 'tocilizumab.max_dose'"):
+        create_app(Settings(feedback_db=str(tmp_path / "f.sqlite3"), auth_enabled=False, protocol_file=str(path)))
+
+
+def test_the_shipped_protocol_and_its_infusion_carry_hours_pass_the_schema():
+    from cds_service.clinical.protocol import default_protocol
+
+    assert default_protocol()["infusion_carry_hours"] > 0

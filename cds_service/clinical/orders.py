@@ -163,7 +163,8 @@ def tocilizumab_order(order: DraftOrder, assessment: Assessment, protocol: Proto
         detail.append("Refractory CRS options instead: " + " or ".join(options["first"]) + "; then "
                       + ", ".join(options["then"]) + f" ({options['then_text']}).")
         return [Recommendation("tocilizumab-order-check", "warning", "Tocilizumab order: " + problems[0],
-                               detail, protocol.cite(sources + ["asco"]) + "; " + protocol.rule("tocilizumab.max_doses"),
+                               detail, protocol.cite(sources + ["asco"]) + "; " + protocol.rule("tocilizumab.max_doses_per_episode" if history.at_episode_limit
+                                                                     else "tocilizumab.max_doses_per_24h"),
                                target=order.reference, remove_target=True, target_label=order.words,
                                links=protocol.links(sources))]
     detail.append(f"Computed dose: {dose.text}." if dose else

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping
@@ -64,11 +65,18 @@ class Protocol:
 
     @classmethod
     def load(cls, site_file: str | Path | None = None, overrides: Mapping | None = None) -> "Protocol":
+        """The default protocol, a site file merged over it, then ``overrides``; the result is
+        checked against ``protocol.schema.json`` (ProtocolError naming the key and the file)."""
         data = _read(DEFAULT_PROTOCOL_PATH)
+        layers: list[tuple[str, Mapping]] = []
         if site_file:
-            data = _deep_merge(data, _read(Path(site_file)))
+            site = _read(Path(site_file))
+            layers.append((str(site_file), site))
+            data = _deep_merge(data, site)
         if overrides:
+            layers.append(("overrides", overrides))
             data = _deep_merge(data, overrides)
+        validate(data, layers)
         return cls(data)
 
 
@@ -80,6 +88,88 @@ def _read(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ProtocolError(f"protocol file {path} must hold a JSON object")
     return data
+
+
+SCHEMA_PATH = Path(__file__).with_name("protocol.schema.json")
+
+
+@lru_cache(maxsize=1)
+def _schema_validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
+
+
+def _where(path: list, layers: list[tuple[str, Mapping]]) -> str:
+    """The file that set the value at ``path``: the last layer holding it, else the default file."""
+    for name, layer in reversed(layers):
+        node: Any = layer
+        for part in path:
+            if isinstance(node, Mapping) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                break
+        else:
+            return name
+    return str(DEFAULT_PROTOCOL_PATH)
+
+
+def _key(path: list) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def validate(data: Mapping, layers: list[tuple[str, Mapping]] = ()) -> None:
+    """When a protocol has an unknown key, a value of the wrong type or out of range, or names a
+    regimen or citation it does not define, then it cannot be used: ProtocolError names the key
+    and the file that set it.  Source: the protocol schema shipped in the package."""
+    layers = list(layers)
+    errors = sorted(_schema_validator().iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        error = errors[0]
+        path = list(error.absolute_path)
+        if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+            unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            if unknown:
+                path = path + [unknown[0]]
+                raise ProtocolError(f"protocol file {_where(path, layers)}: unknown key {_key(path)!r}")
+        raise ProtocolError(f"protocol file {_where(path, layers)}: key {_key(path)!r}: {error.message}")
+    regimens = data["steroid_regimens"]
+    references = [(["hlh", "steroid"], data["hlh"]["steroid"])]
+    for table in ("crs_management", "icans_management"):
+        for grade, row in data[table].items():
+            for field in ("steroid", "early_steroid_product_steroid"):
+                if row.get(field):
+                    references.append(([table, grade, field], row[field]))
+    for path, name in references:
+        if name not in regimens:
+            raise ProtocolError(f"protocol file {_where(path, layers)}: key {_key(path)!r}: no steroid regimen "
+                                f"{name!r} in steroid_regimens")
+    citations = data["citations"]
+    for path, value in _sources(data, []):
+        for key in [value] if isinstance(value, str) else value:
+            if key not in citations:
+                raise ProtocolError(f"protocol file {_where(path, layers)}: key {_key(path)!r}: no citation {key!r} "
+                                    "in citations")
+
+
+def _sources(node: Any, path: list):
+    """(path, value) of every citation reference: a ``source`` key or a key ending in ``_source``."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if key == "citations":
+                continue
+            if key == "source" or key.endswith("_source"):
+                yield path + [key], value
+            else:
+                yield from _sources(value, path + [key])
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from _sources(item, path + [index])
 
 
 def default_protocol() -> Protocol:
@@ -102,6 +192,7 @@ SECTION_TITLES = {
     "levetiracetam": "Seizure prophylaxis",
     "crs_management": "CRS management by grade",
     "icans_management": "ICANS management by grade (cumulative)",
+    "concurrent_icans": "Concurrent ICANS: corticosteroids first, no tocilizumab",
     "refractory_options": "Refractory CRS",
     "hlh": "HLH/MAS",
     "bispecific_hold": "T-cell engagers: holding the next dose",

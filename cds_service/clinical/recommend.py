@@ -127,7 +127,7 @@ def hlh_ferritin(s: Situation) -> Reading | None:
 def make_plan(s: Situation, crs: Grade, icans: Grade) -> Plan:
     crs_grade, icans_grade = crs.value or 0, icans.value or 0
     crs_graded = crs.value is not None
-    concurrent = crs_graded and concurrent_icans_applies(crs_grade, icans_grade)
+    concurrent = crs_graded and concurrent_icans_applies(s, crs_grade, icans_grade)
     hlh = hlh_ferritin(s)
     indicated = None
     if not concurrent:
@@ -143,11 +143,12 @@ def make_plan(s: Situation, crs: Grade, icans: Grade) -> Plan:
                 indicated, hlh)
 
 
-def concurrent_icans_applies(crs_grade: int, icans_grade: int) -> bool:
+def concurrent_icans_applies(s: Situation, crs_grade: int, icans_grade: int) -> bool:
     """When ICANS is grade >= 2 and CRS was graded 0 or 1, then corticosteroids come first and no
     tocilizumab is suggested: tocilizumab may worsen neurotoxicity.  Source: Neelapu et al. 2018;
     decisions.md 6 rules 1 and 11."""
-    return icans_grade >= 2 and crs_grade <= 1
+    rule = s.protocol["concurrent_icans"]
+    return icans_grade >= rule["icans_from_grade"] and crs_grade <= rule["crs_up_to_grade"]
 
 
 # ---- Management by grade ---------------------------------------------------------------------------
@@ -258,8 +259,9 @@ def tocilizumab(s: Situation, plan: Plan) -> list[Recommendation]:
               f"{rules['max_doses_per_24h']} in 24 h, {rules['max_doses_per_episode']} per episode).")
     source = rules["source"]
     if history.limit:
+        rule = "tocilizumab.max_doses_per_episode" if history.at_episode_limit else "tocilizumab.max_doses_per_24h"
         return [_rec(s, "tocilizumab", "warning", f"No more tocilizumab: limit reached ({history.limit})",
-                     given + young, source, "tocilizumab.max_doses")]
+                     given + young, source, rule)]
     if history.next_possible:
         title = (f"Tocilizumab: last dose {s.at(history.last.start)}; next dose possible from "
                  f"{s.at(history.next_possible)} if no improvement")
@@ -395,7 +397,7 @@ def concurrent_icans(s: Situation, plan: Plan) -> list[Recommendation]:
                  f"ICANS grade {plan.icans} with {crs_text}: corticosteroids first, no tocilizumab",
                  ["Tocilizumab may worsen neurotoxicity; the corticosteroid treats ICANS.",
                   "ASCO and NCCN allow tocilizumab with caution when CRS is also present."],
-                 ["neelapu", "asco"], "concurrent_icans")]
+                 s.protocol["concurrent_icans"]["source"], "concurrent_icans")]
 
 
 def fever_masked(s: Situation, crs: Grade) -> list[Recommendation]:
@@ -417,7 +419,7 @@ def possible_masked_crs(s: Situation, crs: Grade) -> list[Recommendation]:
     if flag is None:
         return []
     return [_rec(s, "possible-masked-crs", "warning", "No CRS grade (no fever): possible CRS masked by "
-                 "prophylaxis or another cause, evaluate", [flag.text], "astct", "prophylaxis_is_not_a_waiver",
+                 "prophylaxis or another cause, evaluate", [flag.text], "astct", "windows_hours.prophylaxis_before_therapy",
                  evidence=list(flag.evidence))]
 
 
