@@ -689,3 +689,50 @@ def test_an_unknown_time_zone_stops_start_up(tmp_path):
 
     with pytest.raises(SettingsError, match="time_zone"):
         create_app(Settings(feedback_db=str(tmp_path / "f.sqlite3"), auth_enabled=False, time_zone="Mars/Olympus"))
+
+
+def _scheduled_car_t(name: str):
+    def build(at):
+        c = Chart(name, at, "Test", "Pat", "female", 48)
+        c.weight(64, days_ago=1)
+        c.resources.append({"resourceType": "MedicationRequest", "id": f"{name}-cart", "status": "active",
+                            "intent": "order", "subject": {"reference": f"Patient/{name}"},
+                            "medicationCodeableConcept": {"text": "Kymriah (tisagenlecleucel) suspension for IV infusion"},
+                            "authoredOn": at.date().isoformat()})
+        return c.resources
+    return custom(name, build)
+
+
+def _steroid_order_sign(scenario, now) -> dict:
+    body = hook_request(scenario, now, "crs-order-safety-sign")
+    body["context"]["draftOrders"] = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": sandbox_style_order("dex-premed", "dexamethasone 10 mg IV", 10)}]}
+    return body
+
+
+def test_http_order_sign_reads_the_patients_medication_requests_for_a_scheduled_car_t(service, now):
+    body = _steroid_order_sign(_scheduled_car_t("http-cart-scheduled"), now)
+    assert body["prefetch"]["medicationRequests"]["entry"], "the prefetch key holds the CAR-T order"
+    answer = service.post("/cds-services/crs-order-safety-sign", body)
+    assert answer.status_code == 200, answer.text
+    [card] = answer.json()["cards"]
+    assert card["source"]["topic"]["code"] == "steroidPremedication", card
+    assert "a CAR-T product is ordered" in card["detail"]
+
+
+def test_http_order_sign_fetches_medication_requests_when_not_prefetched(service, loaded_fhir, now):
+    scenario = _scheduled_car_t("http-cart-fetched")
+    loaded_fhir.load(scenario.bundle(now))
+    body = _steroid_order_sign(scenario, now)
+    del body["prefetch"]["medicationRequests"]
+    body["fhirServer"] = loaded_fhir.base_url
+    answer = service.post("/cds-services/crs-order-safety-sign", body)
+    assert answer.status_code == 200, answer.text
+    assert [c["source"]["topic"]["code"] for c in answer.json()["cards"]] == ["steroidPremedication"]
+
+
+def test_discovery_declares_the_medication_requests_key_for_the_order_hooks(service):
+    services = {s["id"]: s for s in service.get("/cds-services").json()["services"]}
+    assert services["crs-order-safety-sign"]["prefetch"]["medicationRequests"].startswith(
+        "MedicationRequest?patient={{context.patientId}}")
+    assert "medicationRequests" not in services["crs-icans-assessment"]["prefetch"]

@@ -95,9 +95,12 @@ def car_t_dose_near(scope: Assessment, drafts: list[DraftOrder], resources: list
     window = timedelta(hours=protocol["order_checks"]["steroid_premedication_window_hours"])
     if any("car-t-products" in d.categories for d in drafts):
         return "a CAR-T order is in this session"
-    if any(r.get("resourceType") == "MedicationRequest" and r.get("status") in ("active", "draft", "on-hold")
-           and terminology.match("car-t-products", r.get("medicationCodeableConcept")) for r in resources):
-        return "a CAR-T product is ordered"
+    medications = {resource_key(r): r for r in resources if r.get("resourceType") == "Medication"}
+    for request in resources:
+        if request.get("resourceType") in ORDER_TYPES and request.get("status") in ("active", "draft", "on-hold"):
+            codeable, texts = medication_concept(request, medications)
+            if "car-t-products" in terminology.categories(("car-t-products",), codeable, texts):
+                return "a CAR-T product is ordered"
     if scope.iec_car_t and scope.iec_therapy is not None and now - scope.iec_therapy.time <= window:
         return f"CAR-T given {clock(scope.iec_therapy.time, scope.tz, now)}"
     return None
@@ -182,8 +185,9 @@ def review_orders(draft_resources: Iterable[Mapping], patient_resources: Iterabl
                   selections: Iterable[str] | None = None, protocol: Protocol | None = None,
                   terminology: Terminology | None = None, unread_sources=(), tz=None) -> tuple[Assessment, list[Recommendation]]:
     """Check draft orders (only the ``selections`` when given, as order-select asks) against the
-    patient's record at ``now``. The patient is graded only when an order needs the grades (a
-    tocilizumab order, or a steroid near a CAR-T dose); the GM-CSF check needs only the scope."""
+    patient's record at ``now`` (its resources may hold the patient's MedicationRequests: a CAR-T
+    product ordered is a scheduled dose). The patient is graded only when an order needs the grades
+    (a tocilizumab order, or a steroid near a CAR-T dose); the GM-CSF check needs only the scope."""
     protocol = protocol or default_protocol()
     terminology = terminology or load_terminology()
     patient_resources = list(patient_resources)

@@ -92,6 +92,10 @@ def prefetch_templates(terminology: Terminology) -> dict[str, str]:
         templates[key] = (f"Observation?patient={{{{context.patientId}}}}&code={','.join(wanted)}"
                           f"&_sort=-date&_count={PAGE_SIZES[key]}")
     templates["medications"] = "MedicationAdministration?patient={{context.patientId}}&_count=500"
+    # The order hooks read the patient's open medication orders: a CAR-T product ordered (scheduled)
+    # makes a corticosteroid order premedication (decisions.md 6 rule 8).
+    templates["medicationRequests"] = ("MedicationRequest?patient={{context.patientId}}"
+                                       "&status=active,on-hold,draft&_count=200")
     return templates
 
 
@@ -176,8 +180,14 @@ def order_select(call: HookCall) -> list[dict]:
 
 
 def _order_checks(call: HookCall, selections: list[str] | None) -> list[dict]:
+    # An unread MedicationRequest source changes no grade (it only hides a scheduled CAR-T): noted
+    # in the call's log line, not passed to the grading.
+    orders_unread = [u for u in call.unread if u.reference == "prefetch:medicationRequests"]
+    if orders_unread:
+        call.notes["medicationRequests"] = "unread: " + orders_unread[0].reason
+    unread = [u for u in call.unread if u not in orders_unread]
     assessment, findings = review_orders(_draft_resources(call), call.resources, call.now, selections,
-                                         call.protocol, call.terminology, call.unread, tz=call.tz)
+                                         call.protocol, call.terminology, unread, tz=call.tz)
     if not assessment.assessable:
         raise PreconditionFailed("the patient's medication administrations could not be read")
     call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
@@ -186,6 +196,7 @@ def _order_checks(call: HookCall, selections: list[str] | None) -> list[dict]:
 
 ALL_KEYS = ("patient", *OBSERVATION_KEYS, "medications")
 REQUIRED = frozenset(ALL_KEYS) - {"patient"}
+ORDER_KEYS = (*ALL_KEYS, "medicationRequests")  # fetched when not prefetched; not required (no grade needs it)
 
 SERVICES = [
     ServiceDeclaration(
@@ -207,12 +218,12 @@ SERVICES = [
         description="At signing: warns on GM-CSF after IEC therapy (suggests removing it or ordering filgrastim), "
                     "steroid premedication before CAR-T, and tocilizumab orders outside the protocol's dose and "
                     "limits (with the computed dose).",
-        handler=order_sign, prefetch_keys=ALL_KEYS, required_keys=REQUIRED),
+        handler=order_sign, prefetch_keys=ORDER_KEYS, required_keys=REQUIRED),
     ServiceDeclaration(
         id="crs-order-safety-select",
         hook="order-select",
         title="CAR-T/T-cell engager order safety (select)",
         description="The order-sign checks, run as orders are selected, on the selected orders only.",
-        handler=order_select, prefetch_keys=ALL_KEYS, required_keys=REQUIRED),
+        handler=order_select, prefetch_keys=ORDER_KEYS, required_keys=REQUIRED),
 ]
 SERVICES_BY_ID = {service.id: service for service in SERVICES}
