@@ -516,7 +516,7 @@ def test_every_rule_a_card_cites_is_in_the_protocol_document():
     cited = set()
     for _, assessment, cards in scenario_answers():
         for r in assessment.recommendations:
-            cited |= set(re.findall(r", rule ([\w.\[\]]+)", r.source))
+            cited |= set(re.findall(r", rule ([\w.\[\]-]+)", r.source))
     assert cited
     for rule in cited:
         assert f"`{rule}`" in document, rule

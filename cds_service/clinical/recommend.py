@@ -277,10 +277,11 @@ def tocilizumab(s: Situation, plan: Plan) -> list[Recommendation]:
     dose = plan.dose
     order = MedicationOrder("tocilizumab", dose.dose_mg, "IV", None, f"tocilizumab {dose.dose_mg:g} mg {rules['route']}")
     cap = f", capped at {rules['max_dose_mg']:g} mg" if dose.capped else ""
-    detail = [f"For {plan.tocilizumab_indicated}: {dose.mg_per_kg:g} mg/kg x {dose.weight.value:g} kg "
-              f"({s.at(dose.weight.end)}) = {dose.unrounded_mg:g} mg{cap}; {rules['route']}.", limits] + young + given
+    why = f"For {plan.tocilizumab_indicated}: " if plan.crs < 2 else ""
+    detail = [f"{why}{dose.mg_per_kg:g} mg/kg x {dose.weight.value:g} kg ({s.at(dose.weight.end)}) = "
+              f"{dose.unrounded_mg:g} mg{cap}; {rules['route']}.", limits] + young + given
     return [_rec(s, "tocilizumab", urgent, f"Give tocilizumab {dose.dose_mg:g} mg IV now", detail, source,
-                 order=order, evidence=[dose.weight.evidence()])]
+                 "tocilizumab.mg_per_kg", order=order, evidence=[dose.weight.evidence()])]
 
 
 def _steroid_reasons(s: Situation, plan: Plan, crs: Grade | None) -> list[tuple[str, str]]:
@@ -341,14 +342,16 @@ def corticosteroid(s: Situation, plan: Plan, crs: Grade) -> list[Recommendation]
     running = running_regimen(s, dose)
     if dose.order is not None and dose.order.text != dose.text:
         detail.insert(0, dose.text[len(dose.order.text):].strip(" ()") + ".")  # the pediatric computation
+    rule = f"steroid_regimens.{chosen}"
     if running is not None:
         return [_rec(s, "corticosteroid", indicator, f"Continue {dose.order.text}",
-                     [f"{running.label} given {s.at(running.start)}."] + detail, sources,
+                     [f"{running.label} given {s.at(running.start)}."] + detail, sources, rule,
                      evidence=[running.evidence()])]
     if dose.order is None:
-        return [_rec(s, "corticosteroid", indicator, f"Corticosteroid: {dose.text}", detail, sources)]
+        return [_rec(s, "corticosteroid", indicator, f"Corticosteroid: {dose.text}", detail, sources, rule)]
     verb = "Start" if not treatment_steroids(s) else "Escalate to"
-    return [_rec(s, "corticosteroid", indicator, f"{verb} {dose.order.text}", detail, sources, order=dose.order)]
+    return [_rec(s, "corticosteroid", indicator, f"{verb} {dose.order.text}", detail, sources, rule,
+                 order=dose.order)]
 
 
 def _regimen_sources(s: Situation, plan: Plan, key: str) -> list[str]:
@@ -461,8 +464,8 @@ def infection_workup(s: Situation, plan: Plan) -> list[Recommendation]:
     if plan.crs == 0:
         return []
     return [_rec(s, "infection-workup", "info", "Infection",
-                 ["rule out sepsis, pneumonia, fluid overload: cultures, chest X-ray, antibiotics if neutropenic; "
-                  "treat CRS without waiting"],
+                 ["rule out sepsis, pneumonia, fluid overload (cultures, chest X-ray; antibiotics if neutropenic) "
+                  "without delaying CRS treatment"],
                  s.protocol["infection_source"])]
 
 

@@ -17,7 +17,7 @@ def action_now(assessment: Assessment) -> str | None:
     if toci and toci.title.startswith("Tocilizumab due"):
         return "tocilizumab due: weigh the patient"
     if "refractory-crs" in recs:
-        return "refractory CRS: anakinra or siltuximab"
+        return "refractory CRS, consider anakinra or siltuximab"
     if "concurrent-icans" in recs:
         return "corticosteroids first, no tocilizumab"
     if steroid:

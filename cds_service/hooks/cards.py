@@ -140,6 +140,21 @@ def _sources_line(recs: Iterable[Recommendation], protocol_url: str | None, prot
     return f"_{text.strip()}_" if text.strip() else ""
 
 
+def _main_footer(assessment: Assessment, shown: list[Recommendation], protocol_url: str | None) -> str:
+    """The IEC therapy, then the protocol and the rules of it the card applied; the literature the
+    card cites is in its links (authors, journal, doi)."""
+    rules: list[str] = []
+    for rec in shown:
+        for part in rec.source.split("; "):
+            if ", rule " in part and part.rsplit(", rule ", 1)[1] not in rules:
+                rules.append(part.rsplit(", rule ", 1)[1])
+    text = f"_{assessment.scope_reason}. {assessment.protocol}"
+    if rules:
+        text += (", rules " if len(rules) > 1 else ", rule ") + ", ".join(rules)
+    text += f" ([document]({protocol_url}))._" if protocol_url else "._"
+    return text
+
+
 def _links(template: CardTemplate, recs: Iterable[Recommendation], protocol_url: str | None) -> list[dict]:
     links = [dict(link) for link in template.links]
     urls = {link["url"] for link in links}
@@ -274,7 +289,7 @@ def assessment_cards(assessment: Assessment, terminology: Terminology, quiet_whe
         lines = [line for line in lines if line not in background] + [merged.replace("**Infection**", "**Also**")]
     if lines:
         detail += ["", *lines]
-    detail += ["", f"_{assessment.scope_reason}. {_sources_line(shown, protocol_url).strip('_')}_"]
+    detail += ["", _main_footer(assessment, shown, protocol_url)]
     suggestions = _order_suggestions(shown, assessment, terminology)
     for grade, code, profile in ((assessment.crs, "crs-grade", "crs-grade-observation"),
                                  (assessment.icans, "icans-grade", "icans-grade-observation")):
