@@ -265,7 +265,8 @@ def tocilizumab(s: Situation, plan: Plan) -> list[Recommendation]:
     if history.next_possible:
         title = (f"Tocilizumab: last dose {s.at(history.last.start)}; next dose possible from "
                  f"{s.at(history.next_possible)} if no improvement")
-        return [_rec(s, "tocilizumab", "warning", title, given[:1] + young, source,
+        count = [f"Given this episode: {_doses(len(history.episode_doses))} ({len(history.doses_24h)} in 24 h)."]
+        return [_rec(s, "tocilizumab", "warning", title, count + young, source,
                      "tocilizumab.min_hours_between_doses")]
     urgent = "critical" if plan.crs >= 2 else "warning"
     if plan.dose is None:

@@ -21,7 +21,8 @@ def action_now(assessment: Assessment) -> str | None:
     if "concurrent-icans" in recs:
         return "corticosteroids first, no tocilizumab"
     if steroid:
-        return steroid.title.split(" (", 1)[0].split(";", 1)[0].lower()
+        title = steroid.title.split(" (", 1)[0].split(";", 1)[0]
+        return title[0].lower() + title[1:]
     if "possible-masked-crs" in recs:
         return "possible masked CRS: evaluate"
     if toci:
