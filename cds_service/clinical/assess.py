@@ -47,7 +47,7 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
                           _not_graded("ICANS", reason), facts.patient_id, unreadable=facts.unreadable,
                           assessable=not medication_unread)
     latest = episode.latest
-    scope_reason = f"{latest.agent} {clock(latest.start, tz, now)}, day {(now - episode.start).days} of the episode"
+    scope_reason = f"{latest.agent} {clock(latest.start, tz, now)} (day {(now - episode.start).days})"
     if not grade:
         reason = "not graded: no check needed the grades"
         return Assessment(now, protocol.label, True, scope_reason, _not_graded("CRS", reason),

@@ -256,7 +256,7 @@ def tocilizumab(s: Situation, plan: Plan) -> list[Recommendation]:
         young = [f"Under {rules['approved_from_age_years']} years: tocilizumab for CRS is approved from "
                  f"{rules['approved_from_age_years']} years (off-label below)."]
     limits = (f"Repeat after {rules['min_hours_between_doses']} h if no improvement (max "
-              f"{rules['max_doses_per_24h']} in 24 h, {rules['max_doses_per_episode']} per episode).")
+              f"{rules['max_doses_per_24h']}/24 h, {rules['max_doses_per_episode']}/episode).")
     source = rules["source"]
     if history.limit:
         rule = "tocilizumab.max_doses_per_episode" if history.at_episode_limit else "tocilizumab.max_doses_per_24h"
@@ -327,7 +327,9 @@ def corticosteroid(s: Situation, plan: Plan, crs: Grade) -> list[Recommendation]
         return []
     chosen = max(reasons, key=lambda r: regimens[r[0]]["rank"])[0]
     dose = steroid_dose(s, chosen)
-    detail = ["For " + ", ".join(why.replace(" grade ", " ") for _, why in reasons) + "."]
+    # Why, when it is more than the headline's grade says (several reasons, or HLH).
+    detail = (["For " + ", ".join(why.replace(" grade ", " ") for _, why in reasons) + "."]
+              if len(reasons) > 1 or plan.hlh is not None or plan.crs == 2 else [])
     if dose.after_text:
         detail.append(dose.after_text[0].upper() + dose.after_text[1:] + ".")
     crs_entry = s.protocol["crs_management"].get(str(plan.crs)) if plan.crs else None
