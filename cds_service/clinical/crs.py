@@ -111,10 +111,9 @@ def vasopressors_at_peak(s: Situation) -> tuple[int, list[DrugEvent]]:
 
 def _infusion_evidence(s: Situation, d: DrugEvent) -> Evidence:
     """"norepinephrine running since 14:05", or for an infusion that has ended, "phenylephrine
-    from 10:00 (stopped 12:00)": a stopped infusion is never said to be running."""
+    stopped 12:00; started at 10:00": a stopped infusion is never said to be running."""
     if d.end < s.now or d.status in ("completed", "stopped"):
-        return d.evidence(f"{d.agent} (stopped {s.at(d.end)})" if d.end > d.start else d.agent,
-                          when="from" if d.end > d.start else "at")
+        return d.evidence(f"{d.agent} stopped {s.at(d.end)}; started" if d.end > d.start else d.agent)
     return d.evidence(f"{d.agent} running", when="since")
 
 
