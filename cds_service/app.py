@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import tzinfo
 from typing import Any, Callable, Mapping
 
 from flask import Flask, Response, request
@@ -16,8 +17,8 @@ from .hooks.api import blueprint, discovery_document, log_call_line, prefetch_te
 from .hooks.api import log as hooks_log
 from .hooks.auth import Authenticator
 from .hooks.openapi import openapi_blueprint
-from .settings import Settings, SettingsError
-from .terminology import load_terminology
+from .settings import Settings
+from .site import Site
 
 log = logging.getLogger("crs_cds")
 
@@ -29,6 +30,7 @@ class ServiceState:
     settings: Settings
     protocol: Protocol
     terminology: Any
+    zone: tzinfo            # the site's time zone (settings.time_zone)
     templates: dict[str, str]
     discovery: list[dict]
     fhir_client: FhirClient
@@ -37,7 +39,6 @@ class ServiceState:
     # Writes each hook call's line: through logging (hooks/api.py ``log_call_line``), or straight
     # to the service's own stderr handler while that is the only place logging would put it.
     write_call_line: Callable[[str], None]
-    tz: Any = None  # the site's time zone (settings.time_zone), for the words of the cards
 
 
 class LineFormatter(logging.Formatter):
@@ -142,35 +143,20 @@ def configure_logging() -> LineHandler | None:
     return handler
 
 
-def site_time_zone(settings: Settings):
-    """The IANA time zone of ``settings.time_zone``; an unknown name stops start-up."""
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    try:
-        return ZoneInfo(settings.time_zone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise SettingsError(f"setting time_zone: unknown IANA time zone {settings.time_zone!r}") from exc
-
-
 def create_app(config: Settings | Mapping[str, Any] | None = None, *,
                call_lines_to: LineHandler | None = None) -> Flask:
     """``call_lines_to``: the handler ``configure_logging`` installed, which each hook call's line
     is then written to directly while logging would send it there alone (``LineHandler.writer_for``);
     without it the line goes through logging (logger ``crs_cds.hooks``)."""
     settings = config if isinstance(config, Settings) else Settings.load(**dict(config or {}))
-    tz = site_time_zone(settings)
     auth = Authenticator.from_settings(settings)  # first: a bad trust configuration stops start-up
-    terminology = load_terminology(tuple(settings.terminology_dirs))
-    templates = prefetch_templates(terminology)
-    state = ServiceState(settings, Protocol.load(settings.protocol_file), terminology, templates,
+    site = Site.from_settings(settings)
+    templates = prefetch_templates(site.terminology)
+    state = ServiceState(settings, site.protocol, site.terminology, site.zone, templates,
                          discovery_document(templates), FhirClient(settings), FeedbackStore(settings.feedback_db),
                          auth, call_lines_to.writer_for(hooks_log, otherwise=log_call_line) if call_lines_to
-                         else log_call_line, tz)
-    # Import fhir.resources and compile the request schemas now, not on the first chart open.
-    from .clinical.facts import validation_error
-
-    validation_error({"resourceType": "Patient", "id": "warm-up"})
-    warm_up_schema_checks()
+                         else log_call_line)
+    warm_up_schema_checks()  # compiled now, not on the first chart open
 
     app = Flask(__name__)
     app.config["CRS_CDS"] = state

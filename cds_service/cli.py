@@ -24,30 +24,33 @@ def _now(text: str | None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def _protocol(path: str | None):
-    from .clinical.protocol import Protocol, ProtocolError
-
-    try:
-        return Protocol.load(path)
-    except ProtocolError as exc:
-        raise CliError(str(exc)) from None
-
-
 def cmd_grade(args: argparse.Namespace) -> int:
+    """Grade one patient from a file, read as the service reads a hook call: a FHIR Bundle or
+    NDJSON (its resources, each once; a next page or a failed search in it makes the grades
+    "at least"), or a CDS Hooks request (its prefetch, and its fhirServer for what is missing)."""
     from .clinical import assess
     from .clinical.report import as_text
-    from .fhir.bundle import BundleError, parse_resources_text
+    from .fhir.bundle import BundleError, parse_json_text
 
     path = Path(args.file)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    settings = _settings(args.config)
+    if args.protocol:
+        settings.protocol_file = args.protocol
+    site = _site(settings)
+    now = _now(args.now)
     try:
-        resources = parse_resources_text(text)
+        data = parse_json_text(text)
+        if _is_hook_request(data):
+            resources, unread = _hook_request_resources(data, site, settings, now)
+        else:
+            resources, unread = _file_resources(data, path.name)
     except BundleError as exc:
         raise CliError(f"{path}: {exc}") from None
-    assessment = assess(resources, _now(args.now), _protocol(args.protocol))
+    assessment = assess(resources, now, site.protocol, site.terminology, unread, zone=site.zone)
     if args.json:
         print(json.dumps(assessment.to_json(), indent=2, ensure_ascii=False))
     else:
@@ -58,14 +61,77 @@ def cmd_grade(args: argparse.Namespace) -> int:
 def cmd_protocol_show(args: argparse.Namespace) -> int:
     """The protocol in force (the default, or a site file merged over it), checked, as JSON or as
     the readable Markdown document the cards link to."""
-    from .clinical.protocol import protocol_markdown
+    from .clinical.protocol import Protocol, ProtocolError, protocol_markdown
 
-    protocol = _protocol(args.protocol)
+    try:
+        protocol = Protocol.load(args.protocol)
+    except ProtocolError as exc:
+        raise CliError(str(exc)) from None
     if args.markdown:
         sys.stdout.write(protocol_markdown(protocol))
     else:
         print(json.dumps(protocol.data, indent=2, ensure_ascii=False))
     return 0
+
+
+def _is_hook_request(data) -> bool:
+    return isinstance(data, dict) and "resourceType" not in data and "hook" in data and "context" in data
+
+
+def _file_resources(data, name: str):
+    from .clinical.model import Unreadable
+    from .fhir.bundle import SearchContents, search_contents, searched_type
+
+    contents = SearchContents(data, False, None) if isinstance(data, list) else search_contents(data)
+    source = searched_type(data)
+    unread = []
+    if contents.failed:
+        unread.append(Unreadable(f"file:{name}", "it holds an error OperationOutcome: a search in it failed", source))
+    if contents.next_url:
+        unread.append(Unreadable(f"file:{name}", "the Bundle has further pages (a next link) that were not read",
+                                 source))
+    return contents.resources, unread
+
+
+def _hook_request_resources(request: dict, site, settings, now: datetime):
+    """The patient-view service's reading of a hook request: its scope shortcut, prefetch keys,
+    fetches from the request's fhirServer, and 412 when required data cannot be had."""
+    from .errors import PreconditionFailed
+    from .fhir.client import FhirClient
+    from .fhir.prefetch import prefetched_only
+    from .hooks.registry import SERVICES, gather, prefetch_templates
+
+    service = next(s for s in SERVICES if s.hook == "patient-view")
+    templates = prefetch_templates(site.terminology)
+    try:
+        call = gather(service, request, templates, now, site.protocol, site.terminology, site.zone,
+                      FhirClient(settings), settings)
+    except PreconditionFailed as exc:
+        raise CliError(f"required data cannot be had (a service answers 412): {exc.message}") from None
+    if isinstance(call, str):  # out of scope by the medications alone: grade those
+        key = service.scope_key
+        return prefetched_only({key: templates[key]}, request) or [], []
+    return call.resources, call.unread
+
+
+def _settings(path: str | None):
+    from .settings import Settings, SettingsError
+
+    try:
+        return Settings.load(path)
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _site(settings):
+    from .clinical.protocol import ProtocolError
+    from .settings import SettingsError
+    from .site import Site
+
+    try:
+        return Site.from_settings(settings)
+    except (ProtocolError, SettingsError, FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_scenarios_write(args: argparse.Namespace) -> int:
@@ -90,21 +156,11 @@ def cmd_scenarios_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(path: str | None):
-    from .settings import Settings, SettingsError
-
-    try:
-        return Settings.load(path)
-    except SettingsError as exc:
-        raise CliError(str(exc)) from None
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Development server. Production: gunicorn (see README, "Serving")."""
     from .app import configure_logging, create_app
-    from .settings import SettingsError
-
     from .clinical.protocol import ProtocolError
+    from .settings import SettingsError
 
     handler = configure_logging()
     try:
@@ -169,11 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crs-cds", description="CRS/ICANS (ASTCT) grading and CDS Hooks service")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    grade = commands.add_parser("grade", help="grade one patient from a FHIR Bundle or NDJSON file")
+    grade = commands.add_parser("grade", help="grade one patient from a FHIR Bundle, NDJSON or a hook request file")
     grade.add_argument("file")
     grade.add_argument("--now", help="assessment time, ISO 8601 (default: the current time)")
     grade.add_argument("--json", action="store_true", help="print the assessment as JSON")
-    grade.add_argument("--protocol", help="a site protocol file overriding the default protocol")
+    grade.add_argument("--protocol", help="a site protocol file (overrides the settings' protocol_file)")
+    grade.add_argument("--config", help="a JSON settings file, as the service's (default: CRS_CDS_CONFIG)")
     grade.set_defaults(handler=cmd_grade)
 
     protocol = commands.add_parser("protocol", help="the clinical protocol (default or site file)")
@@ -210,12 +267,58 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="a JSON settings file (see README, Configuration)")
     serve.set_defaults(handler=cmd_serve)
 
+    codes = commands.add_parser("codes", help="the codes a site's charts use (onboarding)")
+    code_commands = codes.add_subparsers(dest="codes_command", required=True)
+    survey = code_commands.add_parser("survey", help="list Observation and medication codes, mapped or not")
+    survey.add_argument("files", nargs="*", help="FHIR Bundle or NDJSON exports (instead of a FHIR server)")
+    survey.add_argument("--fhir-server", help="the FHIR server's base URL")
+    survey.add_argument("--bearer", help="an access token for the server (or CRS_CDS_SURVEY_TOKEN)")
+    survey.add_argument("--patient", action="append", default=[], help="a patient id (repeat for several)")
+    survey.add_argument("--config", help="a JSON settings file (the site's terminology_dirs)")
+    survey.add_argument("--write-valuesets", metavar="DIR", help="write site ValueSet files to review")
+    survey.add_argument("--timeout", type=float, default=60.0, help="seconds for all the queries (default 60)")
+    survey.set_defaults(handler=cmd_codes_survey)
+
     report = commands.add_parser("feedback-report", help="accepted and overridden counts per card topic")
     report.add_argument("--db", help="the feedback database (default: the feedback_db setting)")
     report.add_argument("--config", help="a JSON settings file")
     report.add_argument("--json", action="store_true")
     report.set_defaults(handler=cmd_feedback_report)
     return parser
+
+
+def cmd_codes_survey(args: argparse.Namespace) -> int:
+    """Which codes the charts use and which of them the service reads (onboarding a site)."""
+    import os
+
+    from .fhir.bundle import BundleError, parse_resources_text
+    from .survey import fetch_patients, report, survey, write_valuesets
+
+    if bool(args.files) == bool(args.fhir_server):
+        raise CliError("give export files, or --fhir-server with --patient ids, not both")
+    if args.fhir_server and not args.patient:
+        raise CliError("--fhir-server needs at least one --patient id")
+    settings = _settings(args.config)
+    site = _site(settings)
+    resources, failures = [], []
+    for name in args.files:
+        try:
+            resources += parse_resources_text(Path(name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, BundleError) as exc:
+            raise CliError(f"cannot read {name}: {exc}") from None
+    if args.fhir_server:
+        settings.fhir_budget_seconds = settings.fhir_timeout_seconds = args.timeout
+        settings.fhir_max_pages, settings.fhir_max_resources_per_key = 100, 100_000
+        token = args.bearer or os.environ.get("CRS_CDS_SURVEY_TOKEN")
+        resources, failures = fetch_patients(args.fhir_server.rstrip("/"), token, args.patient, settings)
+    rows = survey(resources, site.terminology)
+    print(report(rows), end="")
+    for failure in failures:
+        print(f"not read: {failure}", file=sys.stderr)
+    if args.write_valuesets:
+        for path in write_valuesets(rows, Path(args.write_valuesets)):
+            print(f"wrote {path} (review it before use)")
+    return 1 if failures else 0
 
 
 def cmd_feedback_report(args: argparse.Namespace) -> int:

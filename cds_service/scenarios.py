@@ -316,6 +316,13 @@ class Chart:
                              {"effectivePeriod": period},
                              {"route": {"text": "IV"}, "rateQuantity": _quantity(value, unit, unit)})
 
+    def infusion_event(self, drug: Drug, hours_ago: float, rate: tuple[float, str], status: str = "completed") -> dict:
+        """An infusion charted as events (begin bag, rate change, stop), as some EHRs do: one
+        administration at one moment with the rate from then on (0 stops it)."""
+        value, unit = rate
+        return self._administration("event", drug, status, {"effectiveDateTime": self._at(hours_ago)},
+                                    {"route": {"text": "IV"}, "rateQuantity": _quantity(value, unit, unit)})
+
 
 # ---- The Scenario type ------------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ def signed(aud: str) -> str:
                       algorithm="ES384", headers={"kid": "k1", "typ": "JWT"})
 
 
-LINE_KEYS = ["event", "service", "hookInstance", "iss", "outcome", "ms", "cards", "grades", "sources", "scope",
+LINE_KEYS = ["event", "service", "hookInstance", "iss", "outcome", "ms", "cards", "grades", "sources", "read", "scope",
              "lenient", "reason"]
 
 
@@ -161,6 +161,28 @@ def test_an_out_of_scope_call_line_says_why_and_which_key_told(serve_app, tmp_pa
     assert line["outcome"] == "ok" and line["cards"] == [] and line["grades"] is None
     assert line["scope"] == "no IEC therapy in the last 60 days"
     assert line["sources"] == {"medications": "prefetch"}
+
+
+def test_the_call_line_says_how_the_chart_was_read(serve_app, tmp_path, fhir, now, caplog):
+    """Elements no rule reads (an STU3 ``context``), a resource sent twice, a time without a zone:
+    read anyway, and counted in the line (names of elements only, never their values)."""
+    service = make_service(serve_app, tmp_path, fhir, auth=False)
+    body = hook_request(by_name(SCENARIO), now)
+    entries = body["prefetch"]["temperatures"]["entry"]
+    for entry in entries:
+        entry["resource"]["context"] = {"reference": "Encounter/secret-encounter"}
+    entries.append(json.loads(json.dumps(entries[0])))
+    entries[0]["resource"]["effectiveDateTime"] = entries[0]["resource"]["effectiveDateTime"].replace("Z", "")
+    with caplog.at_level(logging.INFO):
+        answer = service.post(SERVICE, body)
+    assert answer.status_code == 200
+    [line] = hook_call_lines(caplog)
+    assert line["read"] == {"duplicates": 1, "timesWithoutZone": 1, "ignoredElements": {"Observation.context": 1}}
+    assert "secret-encounter" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        service.post(SERVICE, hook_request(by_name(SCENARIO), now))
+    assert hook_call_lines(caplog)[0]["read"] is None
 
 
 def test_the_line_formatter_writes_what_the_standard_one_does():

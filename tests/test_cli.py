@@ -160,3 +160,101 @@ def test_protocol_show_markdown_prints_the_document():
     result = run("protocol", "show", "--markdown")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("# crs-cds default protocol") and "`tocilizumab.max_doses_per_24h`: 3" in result.stdout
+
+
+# ---- The CLI reads as the service does ------------------------------------------------------------
+
+def _chart_resources(name: str) -> list[dict]:
+    from datetime import datetime
+
+    return by_name(name).resources(datetime.fromisoformat(NOW.replace("Z", "+00:00")))
+
+
+def _searchset(resources: list[dict], *extra_links: dict) -> dict:
+    return {"resourceType": "Bundle", "type": "searchset",
+            "link": [{"relation": "self", "url": "http://ehr.example/fhir/Observation?patient=p"}, *extra_links],
+            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
+
+
+def _grade_json(tmp_path: Path, data, *args: str, env: dict | None = None) -> dict:
+    path = tmp_path / "input.json"
+    path.write_text(json.dumps(data))
+    result = run("grade", str(path), "--now", NOW, "--json", *args, env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_a_searchset_with_a_next_link_grades_at_least(tmp_path):
+    bundle = _searchset(_chart_resources("crs3-norepi-vaso"),
+                        {"relation": "next", "url": "http://ehr.example/fhir/Observation?page=2"})
+    data = _grade_json(tmp_path, bundle)
+    assert data["crs"]["grade"] == 3 and data["crs"]["atLeast"] is True
+    assert any("next link" in m for m in data["crs"]["missing"])
+
+
+def test_an_error_outcome_in_the_file_grades_at_least_and_an_informational_one_does_not(tmp_path):
+    def outcome(severity: str) -> dict:
+        return {"resourceType": "OperationOutcome",
+                "issue": [{"severity": severity, "code": "not-found", "diagnostics": "No results were found"}]}
+
+    resources = _chart_resources("crs3-norepi-vaso")
+    failed = _grade_json(tmp_path, _searchset([*resources, outcome("error")]))
+    assert failed["crs"]["grade"] == 3 and failed["crs"]["atLeast"] is True
+    fine = _grade_json(tmp_path, _searchset([*resources, outcome("information")]))
+    assert fine["crs"]["grade"] == 3 and fine["crs"]["atLeast"] is False
+
+
+def test_a_resource_twice_in_the_file_counts_once(tmp_path):
+    resources = _chart_resources("crs3-norepi-vaso")
+    once = _grade_json(tmp_path, _searchset(resources))
+    twice = _grade_json(tmp_path, _searchset(resources + resources))
+    assert twice["crs"] == once["crs"] and twice["recommendations"] == once["recommendations"]
+
+
+def test_the_site_settings_decide_codes_protocol_and_time_zone(tmp_path):
+    """--config (or CRS_CDS_CONFIG): the site's ValueSets, protocol and time zone, as the service."""
+    resources = _chart_resources("crs1-fever-day1")
+    for resource in resources:
+        if resource["resourceType"] == "Observation" and "8310-5" in json.dumps(resource.get("code")):
+            resource["code"] = {"coding": [{"system": "http://hospital.example.org/flowsheet", "code": "T-CORE"}]}
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
+    assert _grade_json(tmp_path, bundle)["crs"]["grade"] == 0   # the flowsheet row means nothing yet
+    site = tmp_path / "site-terms"
+    site.mkdir()
+    (site / "ValueSet-body-temperature.json").write_text(json.dumps({
+        "resourceType": "ValueSet", "id": "body-temperature", "url": "http://crs-cds.org/fhir/ValueSet/body-temperature",
+        "compose": {"include": [{"system": "http://hospital.example.org/flowsheet",
+                                 "concept": [{"code": "T-CORE", "display": "Core temperature"}]}]}}))
+    protocol = tmp_path / "site-protocol.json"
+    protocol.write_text(json.dumps({"name": "Site CAR-T protocol", "version": "7"}))
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"terminology_dirs": [str(site)], "protocol_file": str(protocol),
+                                    "time_zone": "Europe/Paris"}))
+    data = _grade_json(tmp_path, bundle, "--config", str(settings))
+    assert data["crs"]["grade"] == 1 and data["protocol"] == "Site CAR-T protocol v7"
+    by_env = _grade_json(tmp_path, bundle, env={**os.environ, "CRS_CDS_CONFIG": str(settings)})
+    assert by_env["crs"] == data["crs"]
+
+
+def test_a_bad_time_zone_or_settings_file_is_one_line_and_exit_2(tmp_path):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"time_zone": "Mars/Olympus"}))
+    path = tmp_path / "b.json"
+    path.write_text('{"resourceType": "Bundle", "type": "collection"}')
+    result = run("grade", str(path), "--config", str(settings))
+    assert result.returncode == 2 and "time_zone" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_hook_request_file_is_read_as_the_service_reads_it(tmp_path):
+    from datetime import datetime
+
+    from cds_service.examples import hook_request
+
+    request = hook_request(by_name("crs3-norepi-vaso"), datetime.fromisoformat(NOW.replace("Z", "+00:00")))
+    data = _grade_json(tmp_path, request)
+    assert data["crs"]["grade"] == 3 and data["crs"]["atLeast"] is False
+    del request["prefetch"]["oxygen"]   # no fhirServer to fetch it from: the service answers 412
+    path = tmp_path / "no-oxygen.json"
+    path.write_text(json.dumps(request))
+    result = run("grade", str(path), "--now", NOW)
+    assert result.returncode == 2 and "412" in result.stderr and "oxygen" in result.stderr

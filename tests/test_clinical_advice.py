@@ -472,7 +472,7 @@ def test_quiet_when_normal_and_one_short_card_when_no_icans_assessment():
 def test_times_are_in_the_site_time_zone_with_its_abbreviation():
     c = with_crs(chart(), 2)
     c.give(TOCILIZUMAB, hours_ago=5, dose_mg=560)
-    a = assess(c.resources, NOW, tz=ZoneInfo("Europe/Berlin"))
+    a = assess(c.resources, NOW, zone=ZoneInfo("Europe/Berlin"))
     toci = rec(a, "tocilizumab")
     assert "last dose 08:00 CET; next dose possible from 16:00 CET" in toci.title
     main = assessment_cards(a, TERMS)[0]

@@ -80,6 +80,9 @@ VERIFIED_CODES = {
         "8310-5", "8480-6", "8462-4", "85354-9", "8478-0", "8867-4", "59408-5", "2708-6",
         "3151-8", "3150-0", "19994-3", "107117-4", "9279-1", "29463-7", "1988-5", "2276-4",
         "20567-4", "3255-7", "14804-9", "2532-0", "26881-3", "9269-2",
+        # Not in reference.md: "Blood pressure systolic and diastolic", the panel Synthea and the
+        # SMART sample data send, with the same display in public LOINC ConceptMaps and FHIR examples.
+        "55284-4",
     },
     SNOMED: {
         "336623009", "466713001", "425478008", "371907003", "426854004", "1259025002",

@@ -266,14 +266,20 @@ def test_unfillable_template_is_412_when_required_and_a_failure_otherwise(fhir_s
     assert "cannot be filled" in result.failures[0].reason and result.failures[0].source == "Encounter"
 
 
-def test_resources_are_deduplicated_across_keys(client):
+def test_resources_repeated_across_keys_are_read_once(client):
+    """Every key's resources are passed on; the reading, which every path shares, keeps each once."""
+    from cds_service.clinical.facts import unique_resources
+
     patient = {"resourceType": "Patient", "id": "123"}
     templates = dict(TEMPLATES, everything="Observation?patient={{context.patientId}}")
     prefetch = {"patient": patient,
                 "temperatures": _searchset([_temp(1), _temp(2)]),
                 "everything": _searchset([_temp(2), _temp(3), patient])}
     result = resolve_prefetch(templates, _request(prefetch=prefetch), client, SETTINGS)
-    assert _ids(result) == ["Patient/123", "Observation/123-t1", "Observation/123-t2", "Observation/123-t3"]
+    unique, dropped = unique_resources(result.resources)
+    assert [f"{r['resourceType']}/{r['id']}" for r in unique] == [
+        "Patient/123", "Observation/123-t1", "Observation/123-t2", "Observation/123-t3"]
+    assert dropped == 2
 
 
 # ---- Paging stops once a newest-first page reaches back far enough --------------------------------
@@ -326,3 +332,47 @@ def test_the_services_own_search_asks_only_for_what_the_rules_read(client, fhir_
         f"{pid}-t3", f"{pid}-t4", f"{pid}-t5"]
     assert only_since("Patient/123", cutoff) == "Patient/123"
     assert only_since("Observation?patient=1", cutoff) == "Observation?patient=1&date=ge2024-04-03T08:00:00Z"
+
+
+# ---- Medications named only by reference ---------------------------------------------------------
+
+def _administration(identifier: str, reference: str, display: str | None = None) -> dict:
+    ref = {"reference": reference, **({"display": display} if display else {})}
+    return {"resourceType": "MedicationAdministration", "id": identifier, "status": "completed",
+            "medicationReference": ref, "effectiveDateTime": "2026-11-20T10:00:00Z"}
+
+
+def test_a_medication_named_only_by_reference_is_fetched_in_one_search(client, local_http):
+    norepinephrine = {"resourceType": "Medication", "id": "eNE1", "code": {"text": "norepinephrine"}}
+    fhir = local_http(lambda request, server: (200, _searchset([norepinephrine]))
+                      if request.path.startswith("/fhir/Medication?") else (404, {}))
+    templates = {"medications": "MedicationAdministration?patient={{context.patientId}}"}
+    prefetch = {"medications": _searchset([
+        _administration("a1", "Medication/eNE1"),
+        _administration("a2", "#contained"),                       # inside the administration
+        _administration("a3", "Medication/eNamed", "vasopressin"),  # the display names it
+        _administration("a4", "https://ehr.example/fhir/Medication/eNE1/_history/2"),
+    ])}
+    result = resolve_prefetch(templates, _request(prefetch=prefetch, server=fhir.base_url), client, SETTINGS)
+    assert [r.path for r in fhir.requests] == ["/fhir/Medication?_id=eNE1"]
+    assert fhir.requests[0].headers["authorization"] == f"Bearer {TOKEN}"
+    assert norepinephrine in result.resources and result.failures == []
+
+
+def test_a_medication_that_cannot_be_fetched_leaves_only_its_administration_unreadable(client, local_http):
+    from datetime import datetime, timezone
+
+    from cds_service.clinical import assess
+
+    fhir = local_http(lambda request, server: (500, {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "exception"}]}))
+    templates = {"medications": "MedicationAdministration?patient={{context.patientId}}"}
+    car_t = {"resourceType": "MedicationAdministration", "id": "cart", "status": "completed",
+             "medicationCodeableConcept": {"text": "Yescarta (axicabtagene ciloleucel)"},
+             "effectiveDateTime": "2026-11-18T10:00:00Z"}
+    prefetch = {"medications": _searchset([car_t, _administration("a1", "Medication/eGone")])}
+    result = resolve_prefetch(templates, _request(prefetch=prefetch, server=fhir.base_url), client, SETTINGS)
+    assert result.sources["referenced medications"] == "failed"
+    graded = assess(result.resources, datetime(2026, 11, 21, tzinfo=timezone.utc), unread_sources=result.failures)
+    assert graded.assessable and graded.crs.value == 0 and graded.crs.at_least
+    assert graded.crs.missing == ["MedicationAdministration/a1: its medication (Medication/eGone) could not be read"]

@@ -247,7 +247,7 @@ def test_out_of_scope_is_told_from_the_medications_key_alone(service, now, local
 
     in_scope = _medications_only(hook_request(by_name("crs2-hypotension-fluids"), now), fhir.base_url)
     assert service.post("/cds-services/crs-icans-assessment", in_scope).status_code == 200
-    assert sorted(r.path.split("?")[0] for r in fhir.requests) == ["/fhir/Observation"] * 4 + ["/fhir/Patient/"
+    assert sorted(r.path.split("?")[0] for r in fhir.requests) == ["/fhir/Observation"] * 5 + ["/fhir/Patient/"
                                                                   + in_scope["context"]["patientId"]]
 
 

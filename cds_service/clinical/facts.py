@@ -1,28 +1,30 @@
 """From FHIR resources to facts: the mapping of what EHRs send to the ASTCT inputs.
 
-Resources are plain R4 JSON dicts. Only the ones that matter (by code or name) are validated with
-fhir.resources, which is what keeps a chart with thousands of Observations fast. A relevant
-resource that cannot be read becomes an ``Unreadable`` entry, never a silent gap.
+Resources are plain R4 JSON dicts, read strictly for what the rules need and nothing else
+(decisions.md section 10): a reading is unreadable only when a value a rule reads (code, value,
+unit, status, time, device, drug, dose, rate) is missing or malformed. Elements no rule reads,
+even ones R4 does not have (an STU3 ``context`` on an Observation), are noted, never a reason to
+drop a reading. A relevant resource that cannot be read becomes an ``Unreadable`` entry, never a
+silent gap. Nothing is remembered between calls.
 """
 from __future__ import annotations
 
-import hashlib
-import marshal
-import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone, tzinfo
 from functools import lru_cache
 from typing import Callable, Iterable, Mapping, Protocol as Interface
 
-from pydantic import ValidationError
-
-from ..terminology import IEC_TOXICITY, LOINC, SNOMED, Terminology, codeable_codes, codeable_texts
+from ..terminology import LOINC, SNOMED, Terminology, codeable_codes, codeable_texts
 from .fhir_read import (
     UnreadableValue,
     effective_interval,
+    effective_without_zone,
+    finite_number,
     medication_concept,
     parse_date,
+    parse_datetime,
     quantity_in,
+    referenced_medication,
     resource_key,
 )
 from .model import DrugEvent, Facts, Reading, Unreadable
@@ -39,20 +41,20 @@ OBSERVATION_VALUESETS = [
     ("ferritin", "ferritin"),
     ("crp", "c-reactive-protein"),
     ("bp_panel", "blood-pressure-panel"),
+    # ICANS domains have no LOINC: the project's CodeSystem codes them, and a site adds its rows.
+    ("ice", "icans-ice-score"),
+    ("capd", "icans-capd-score"),
+    ("consciousness", "icans-consciousness"),
+    ("seizure", "icans-seizure"),
+    ("motor_weakness", "icans-motor-weakness"),
+    ("cerebral_edema", "icans-cerebral-edema"),
 ]
-# ICANS domains have no LOINC: they are coded in the project's CodeSystem.
-ICANS_CODES = {
-    "ice-score": "ice",
-    "capd-score": "capd",
-    "consciousness": "consciousness",
-    "seizure": "seizure",
-    "motor-weakness": "motor_weakness",
-    "cerebral-edema": "cerebral_edema",
-}
-# Coded ICANS answers are recognised by these ValueSets; the protocol maps each answer to a grade.
+ICANS_KINDS = ("ice", "capd", "consciousness", "seizure", "motor_weakness", "cerebral_edema")
+# Coded ICANS answers are recognised by these ValueSets (a site's answer codes join them); each
+# code stands for one of the project's answers, which the protocol maps to a grade.
 ICANS_ANSWER_VALUESETS = {"consciousness": "icans-consciousness-levels", "seizure": "icans-seizure-findings",
                           "cerebral_edema": "icans-cerebral-edema-findings"}
-KIND_PRIORITY = {kind: rank for rank, kind in enumerate([k for k, _ in OBSERVATION_VALUESETS] + list(ICANS_CODES.values()))}
+KIND_PRIORITY = {kind: rank for rank, (kind, _) in enumerate(OBSERVATION_VALUESETS)}
 COMPONENT_KINDS = {"sbp", "map", "o2_flow"}  # read from Observation.component (BP panel, pulse oximetry)
 QUANTITY_UNITS = {"temperature": "Cel", "sbp": "mmHg", "map": "mmHg", "o2_flow": "L/min", "weight": "kg",
                   "ferritin": "ng/mL", "crp": "mg/L"}
@@ -74,181 +76,89 @@ DEVICE_TIERS = [
 STANDARD_SYSTEMS = {LOINC, SNOMED}
 IGNORED_OBSERVATION_STATUSES = {"entered-in-error", "cancelled", "registered"}
 IGNORED_ADMINISTRATION_STATUSES = {"entered-in-error", "not-done"}
-# fhir.resources checks a code's shape, not its value set: statuses are checked here.
 OBSERVATION_STATUSES = {"registered", "preliminary", "final", "amended", "corrected", "cancelled",
                         "entered-in-error", "unknown"}
 ADMINISTRATION_STATUSES = {"in-progress", "not-done", "on-hold", "completed", "entered-in-error", "stopped",
                            "unknown"}
 
 
-def _fhir_models():
-    # Imported lazily: fhir.resources costs ~0.3 s to import and only relevant resources need it.
-    from fhir.resources.R4B.medicationadministration import MedicationAdministration
-    from fhir.resources.R4B.observation import Observation
-    from fhir.resources.R4B.patient import Patient
-
-    return {"Observation": Observation, "MedicationAdministration": MedicationAdministration,
-            "Patient": Patient}
-
-
 class Horizon(Interface):
     def admits(self, kind: str, start: datetime, end: datetime) -> bool: ...
 
 
-class _VersionMemo:
-    """A pure function's results by resource version, for the same chart comes back on every chart
-    open. A FHIR version is immutable: type, id, versionId and lastUpdated name its content on one
-    server; the subject and effective time are in the key too, so that two EHRs' resources that
-    share an id and version ("Observation/1", version "1") are never taken for each other, and the
-    status, so that a server that edits a resource in place without a new version cannot hide an
-    Observation entered in error or cancelled.
-    ``by_content``: a resource without them is keyed by a hash of its content (``content_hash``,
-    worth it only when the function costs more); ``by_version=False``: every resource is.
-    Bounded: past ``size`` entries the older half is dropped."""
-
-    def __init__(self, size: int, by_content: bool, by_version: bool = True):
-        self.size = size
-        self.by_content = by_content
-        self.by_version = by_version
-        self.results: dict[object, object] = {}
-        self.lock = threading.Lock()
-
-    def key(self, resource: Mapping):
-        meta = resource.get("meta")
-        if (self.by_version and isinstance(meta, dict) and meta.get("versionId") and meta.get("lastUpdated")
-                and resource.get("id")):
-            subject, period = resource.get("subject"), resource.get("effectivePeriod")
-            key = (resource.get("resourceType"), resource["id"], meta["versionId"], meta["lastUpdated"],
-                   resource.get("status"), subject.get("reference") if isinstance(subject, dict) else None,
-                   resource.get("effectiveDateTime") or resource.get("effectiveInstant")
-                   or ((period.get("start"), period.get("end")) if isinstance(period, dict) else None))
-        elif self.by_content:
-            return content_hash(resource)
-        else:
-            return None
-        try:
-            hash(key)  # a version tuple of malformed values (a dict as the id) is no key
-        except TypeError:
-            return None
-        return key
-
-    def __call__(self, resource: Mapping, compute: Callable):
-        try:
-            key = self.key(resource)
-        except (TypeError, ValueError, RecursionError):  # content that cannot be hashed
-            key = None
-        if key is None:
-            return compute(resource)
-        found = self.results.get(key, _MISSING)
-        if found is not _MISSING:
-            return found
-        result = compute(resource)
-        self.results[key] = result
-        if len(self.results) > self.size:
-            with self.lock:
-                for old in list(self.results)[:len(self.results) - self.size // 2]:
-                    self.results.pop(old, None)
-        return result
+# The R4 elements of the resources read; any other top-level element is noted and ignored.
+R4_ELEMENTS = {
+    "Observation": frozenset((
+        "resourceType", "id", "meta", "implicitRules", "language", "text", "contained", "extension",
+        "modifierExtension", "identifier", "basedOn", "partOf", "status", "category", "code", "subject",
+        "focus", "encounter", "effectiveDateTime", "effectivePeriod", "effectiveTiming", "effectiveInstant",
+        "issued", "performer", "valueQuantity", "valueCodeableConcept", "valueString", "valueBoolean",
+        "valueInteger", "valueRange", "valueRatio", "valueSampledData", "valueTime", "valueDateTime",
+        "valuePeriod", "dataAbsentReason", "interpretation", "note", "bodySite", "method", "specimen",
+        "device", "referenceRange", "hasMember", "derivedFrom", "component")),
+    "MedicationAdministration": frozenset((
+        "resourceType", "id", "meta", "implicitRules", "language", "text", "contained", "extension",
+        "modifierExtension", "identifier", "instantiates", "partOf", "status", "statusReason", "category",
+        "medicationCodeableConcept", "medicationReference", "subject", "context", "supportingInformation",
+        "effectiveDateTime", "effectivePeriod", "performer", "reasonCode", "reasonReference", "request",
+        "device", "note", "dosage", "eventHistory")),
+}
 
 
-_MISSING = object()
+def unique_resources(resources: Iterable[Mapping]) -> tuple[list[Mapping], int]:
+    """Each resource once (decisions.md 10: overlapping pages, a key and its ``_include``): by type
+    and id, the newest version kept (``meta.lastUpdated``, else the first seen). Resources without
+    an id are all kept. Returns the resources and how many copies were dropped."""
+    chosen: dict[tuple[str, str], Mapping] = {}
+    out: list[Mapping | tuple[str, str]] = []
+    dropped = 0
+    for resource in resources:
+        if not isinstance(resource, dict):
+            continue
+        identity = resource.get("id")
+        if not isinstance(identity, str) or not identity:
+            out.append(resource)
+            continue
+        key = (str(resource.get("resourceType")), identity)
+        if key not in chosen:
+            chosen[key] = resource
+            out.append(key)
+            continue
+        dropped += 1
+        if _last_updated(resource) > _last_updated(chosen[key]):
+            chosen[key] = resource
+    return [chosen[item] if isinstance(item, tuple) else item for item in out], dropped
 
 
-def content_hash(resource: Mapping) -> bytes:
-    """A digest of a parsed JSON value that differs whenever its content does. marshal writes the
-    values exactly (True is not 1, 1 is not 1.0) in ~5 us for a MedicationAdministration, against
-    ~15 us for a JSON encoding. Format 2: later formats write back-references that depend on how
-    many references to a string exist elsewhere, so the same content could hash apart. Equal
-    content in another key order gives another digest, which only costs a miss. Raises
-    ValueError for what JSON does not hold."""
-    return hashlib.blake2b(marshal.dumps(resource, 2), digest_size=16).digest()
+_EPOCH = datetime.min.replace(tzinfo=timezone.utc)
 
 
-_validation_memo = _VersionMemo(size=50_000, by_content=True)
-
-
-def _validate(resource: Mapping) -> str | None:
-    model = _fhir_models().get(resource.get("resourceType"))
-    if model is None:
-        return None
+def _last_updated(resource: Mapping) -> datetime:
+    meta = resource.get("meta")
     try:
-        model.model_validate(resource)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return f"invalid FHIR {resource.get('resourceType')}: {where}: {first.get('msg')}"
-    except (TypeError, ValueError) as exc:
-        return f"invalid FHIR {resource.get('resourceType')}: {exc}"
-    return None
-
-
-def validation_error(resource: Mapping) -> str | None:
-    """None if the resource is valid FHIR (R4B model), else a one-line reason."""
-    return _validation_memo(resource, _validate)
-
-
-@lru_cache(maxsize=8)
-def _readout_memo(terminology: Terminology) -> _VersionMemo:
-    """Observation readouts by version, per terminology (a site's ValueSets change what is read).
-    About 0.65 KB each: 20,000 (~13 MB a worker) hold the windows of some fifteen ICU charts; past
-    that, a readout is made again (~12 us, the validation memo still holding)."""
-    return _VersionMemo(size=20_000, by_content=False)
-
-
-@lru_cache(maxsize=8)
-def _administration_memo(terminology: Terminology) -> _VersionMemo:
-    """MedicationAdministration readouts by content, never by version alone: they decide whether
-    the patient is in scope at all, a drug corrected in place under the same version must be read
-    as corrected, and they are few (a hash ~5 us against ~20 us for the readout)."""
-    return content_memo(size=5_000)
-
-
-def content_memo(size: int) -> _VersionMemo:
-    """A bounded memo of a pure function of one JSON object, keyed by a hash of its content."""
-    return _VersionMemo(size=size, by_content=True, by_version=False)
-
-
-# An administration's validity by its content too, like its readout: one edited in place into
-# invalid FHIR under the same version must be reported, not taken as valid from before.
-_administration_validation = content_memo(size=5_000)
+        return parse_datetime(meta.get("lastUpdated")) if isinstance(meta, dict) else _EPOCH
+    except UnreadableValue:
+        return _EPOCH
 
 
 @dataclass(frozen=True)
-class AdministrationReadout:
-    """One MedicationAdministration as read, remembered by its content: the drug, its times and
-    dose when it counts (``timing`` None: not a drug the rules read, a status that never counts,
-    or ``problem``). Till when an open infusion runs depends on ``now``, so that is decided per
-    call."""
+class _Administration:
+    """One MedicationAdministration as read: the drug, its times, dose and infusion rate."""
 
-    timing: tuple[datetime, datetime | None] | None = None
-    agent: str = ""
-    categories: frozenset[str] = frozenset()
-    status: str = "unknown"
-    reference: str = ""
-    label: str = ""
-    dose_mg: float | None = None
-    problem: str | None = None
+    agent: str
+    categories: frozenset[str]
+    start: datetime
+    end: datetime | None
+    status: str
+    reference: str
+    label: str
+    dose_mg: float | None
+    rate: float | None     # dosage.rate[x], when charted
+    instant: bool          # effectiveDateTime: one moment, not a period
 
-
-@dataclass(frozen=True)
-class ObservationContent:
-    """What an Observation inside the horizon says: its readings, or why it does not count."""
-
-    ignored: bool = False             # its status says it never counts
-    problem: str | None = None        # the whole resource cannot be read
-    readings: tuple[Reading, ...] = ()
-    unreadable: tuple[Unreadable, ...] = ()
-
-
-@dataclass
-class ObservationReadout:
-    """One Observation version as read, whenever it is read. Its kinds and time come first and are
-    cheap; its content (FHIR validation, values: ~0.2 ms) is read only once some call's horizon
-    admits it, then kept. Whether it counts (the horizon, ``now``) is decided per call."""
-
-    horizon_kinds: tuple[str, ...]
-    parsed: tuple[datetime, datetime | None] | None  # the effective time; None when it cannot be read
-    content: ObservationContent | None = None
+    def event(self, start: datetime, end: datetime) -> DrugEvent:
+        return DrugEvent(self.agent, self.categories, start, end, self.status, self.reference, self.label,
+                         self.dose_mg)
 
 
 @lru_cache(maxsize=8)
@@ -257,15 +167,15 @@ def observation_code_index(terminology: Terminology) -> dict[tuple[str, str], st
     index: dict[tuple[str, str], str] = {}
     for kind, valueset in reversed(OBSERVATION_VALUESETS):
         index.update(dict.fromkeys(terminology[valueset].codes, kind))
-    index.update({(IEC_TOXICITY, code): kind for code, kind in ICANS_CODES.items()})
     return index
 
 
 class FactExtractor:
-    def __init__(self, terminology: Terminology, protocol: Protocol, now: datetime):
+    def __init__(self, terminology: Terminology, protocol: Protocol, now: datetime, zone: tzinfo = timezone.utc):
         self.terms = terminology
         self.protocol = protocol
         self.now = now
+        self.zone = zone
         self.facts = Facts()
         self.medications: dict[str, Mapping] = {}
         self.code_index = observation_code_index(terminology)
@@ -276,14 +186,18 @@ class FactExtractor:
         """Patient and MedicationAdministrations first; then, when ``horizon_for`` is given, the
         Observations it admits (none when it returns None: the patient is out of scope), so a long
         chart costs only what the rules will look at."""
-        resources = [r for r in resources if isinstance(r, dict)]
+        resources, self.facts.duplicates = unique_resources(resources)
         self.medications = {resource_key(r): r for r in resources if r.get("resourceType") == "Medication"}
+        administrations = []
         for resource in resources:
             kind = resource.get("resourceType")
             if kind == "MedicationAdministration":
-                self._administration(resource)
+                administration = self._administration(resource)
+                if administration is not None:
+                    administrations.append(administration)
             elif kind == "Patient" and self.facts.patient_id is None:
                 self._patient(resource)
+        self.facts.drugs.extend(self._drug_events(administrations))
         self.horizon = horizon_for(self.facts) if horizon_for else None
         if horizon_for is not None and self.horizon is None:
             return self.facts
@@ -292,19 +206,31 @@ class FactExtractor:
                 self._observation(resource)
         return self.facts
 
-    def _worth_reading(self, timing: tuple | None, kinds: tuple[str, ...]) -> bool:
-        """Inside the horizon of at least one of its kinds (an unparseable time is read, to be reported)."""
-        if self.horizon is None or timing is None:
-            return True
-        start, end = timing
-        return any(self.horizon.admits(kind, start, end or start) for kind in kinds)
-
     def _unreadable(self, resource: Mapping, reason: str) -> None:
         self.facts.unreadable.append(self._unreadable_entry(resource, reason))
 
     @staticmethod
     def _unreadable_entry(resource: Mapping, reason: str) -> Unreadable:
         return Unreadable(resource_key(resource), reason, resource.get("resourceType", "?"))
+
+    def _problem_in_shape(self, resource: Mapping) -> str | None:
+        """What of a relevant resource's shape stops it from being read: an extension that changes
+        its meaning, or a status outside R4's. Elements R4 does not have are noted, not fatal."""
+        kind = resource.get("resourceType")
+        unknown = [key for key in resource if key not in R4_ELEMENTS[kind] and not key.startswith("_")]
+        for key in unknown:
+            self.facts.note_ignored(f"{kind}.{key}"[:80])
+        if resource.get("modifierExtension"):
+            return "has a modifierExtension, which may change its meaning"
+        statuses = OBSERVATION_STATUSES if kind == "Observation" else ADMINISTRATION_STATUSES
+        return _status_problem(resource, statuses)
+
+    def _time(self, resource: Mapping) -> tuple[datetime, datetime | None]:
+        """effective[x], a time written without a zone read in the site's zone and noted."""
+        interval = effective_interval(resource, self.zone)
+        if effective_without_zone(resource):
+            self.facts.zoneless.append(resource_key(resource))
+        return interval
 
     # ---- Patient -----------------------------------------------------------------------------
     def _patient(self, patient: Mapping) -> None:
@@ -328,59 +254,43 @@ class FactExtractor:
                 return kind
         return None
 
-    def _observation(self, obs: Mapping) -> None:
-        readout = _readout_memo(self.terms)(obs, self._observation_readout)
-        if readout is None or not self._worth_reading(readout.parsed, readout.horizon_kinds):
-            return
-        if readout.content is None:
-            readout.content = self._observation_content(obs)
-        content = readout.content
-        if content.ignored:
-            return
-        if content.problem:
-            self._unreadable(obs, content.problem)
-            return
-        if readout.parsed[0] > self.now:
-            return  # documented in the future relative to the assessment: not yet a fact
-        self.facts.readings.extend(content.readings)
-        self.facts.unreadable.extend(content.unreadable)
-
     def _observation_kinds(self, obs: Mapping) -> tuple[str | None, list[tuple[str, Mapping]]]:
         """The Observation's kind (by its code) and its components' kinds, with the components."""
         kind = self._observation_kind(obs.get("code"))
-        components = [c for c in obs.get("component") or [] if isinstance(c, dict)]
+        components = obs.get("component")
+        components = [c for c in components if isinstance(c, dict)] if isinstance(components, list) else []
         component_kinds = [(self._component_kind(c.get("code")), c) for c in components]
         return kind, [(k, c) for k, c in component_kinds if k]
 
-    def _observation_readout(self, obs: Mapping) -> ObservationReadout | None:
-        """Kinds and time; None when it is none of the kinds the rules read."""
+    def _observation(self, obs: Mapping) -> None:
+        """An Observation of a kind the rules read, inside the horizon of one of its kinds: its
+        readings, or why it cannot be read. Statuses entered-in-error, cancelled and registered
+        never count; preliminary, final, amended, corrected and unknown do."""
         kind, component_kinds = self._observation_kinds(obs)
         if kind is None and not component_kinds:
-            return None
-        kinds = ([kind] if kind and kind != "bp_panel" else []) + [k for k, _ in component_kinds]
-        try:
-            parsed = effective_interval(obs)
-        except UnreadableValue:
-            parsed = None  # read in full, to be reported
-        return ObservationReadout(tuple(kinds or [kind]), parsed)
-
-    def _observation_content(self, obs: Mapping) -> ObservationContent:
+            return
         status = obs.get("status")
         if isinstance(status, str) and status in IGNORED_OBSERVATION_STATUSES:
-            return ObservationContent(ignored=True)
-        problem = validation_error(obs) or _status_problem(obs, OBSERVATION_STATUSES)
-        if problem:
-            return ObservationContent(problem=problem)
+            return
         try:
-            start, end = effective_interval(obs)
+            start, end = effective_interval(obs, self.zone)
         except UnreadableValue as exc:
-            return ObservationContent(problem=str(exc))
+            self._unreadable(obs, str(exc))  # no time: it cannot be placed in or out of a window
+            return
         end = end or start
-        # Read again, not kept from the readout: nothing remembered may hold on to a request's dicts.
-        kind, component_kinds = self._observation_kinds(obs)
-        readings, unreadable = [], []
+        kinds = ([kind] if kind and kind != "bp_panel" else []) + [k for k, _ in component_kinds]
+        if self.horizon is not None and not any(self.horizon.admits(k, start, end) for k in kinds or [kind]):
+            return
+        if start > self.now:
+            return  # documented in the future relative to the assessment: not yet a fact
+        problem = self._problem_in_shape(obs)
+        if problem:
+            self._unreadable(obs, problem)
+            return
+        if effective_without_zone(obs):
+            self.facts.zoneless.append(resource_key(obs))
         if kind == "bp_panel" and not any(k in ("sbp", "map") for k, _ in component_kinds):
-            unreadable.append(self._unreadable_entry(obs, "blood pressure panel without a systolic component"))
+            self._unreadable(obs, "blood pressure panel without a systolic component")
         elif kind and kind != "bp_panel":
             component_kinds.insert(0, (kind, obs))
         for reading_kind, holder in component_kinds:
@@ -389,10 +299,10 @@ class FactExtractor:
             try:
                 value, label, flow_decides = self._value(reading_kind, holder)
             except UnreadableValue as exc:
-                unreadable.append(self._unreadable_entry(obs, f"{reading_kind.replace('_', ' ')}: {exc}"))
+                self._unreadable(obs, f"{reading_kind.replace('_', ' ')}: {exc}")
                 continue
-            readings.append(Reading(reading_kind, value, start, end, resource_key(obs), label, flow_decides))
-        return ObservationContent(readings=tuple(readings), unreadable=tuple(unreadable))
+            self.facts.readings.append(Reading(reading_kind, value, start, end, resource_key(obs), label,
+                                               flow_decides))
 
     def _component_kind(self, code: Mapping | None) -> str | None:
         kinds = {self.code_index.get(c) for c in codeable_codes(code)} & COMPONENT_KINDS
@@ -408,9 +318,10 @@ class FactExtractor:
             score = holder.get("valueInteger")
             if score is None and isinstance(holder.get("valueQuantity"), dict):
                 score = holder["valueQuantity"].get("value")
-            if isinstance(score, bool) or not isinstance(score, (int, float)) or score != int(score) or score < 0:
-                raise UnreadableValue(f"score must be a whole number, got {score!r}")
-            return int(score), f"{kind.upper()} score {int(score)}", False
+            number = finite_number(score, "score")
+            if number != int(number) or number < 0:
+                raise UnreadableValue(f"score must be a whole number, got {str(score)[:20]!r}")
+            return int(number), f"{kind.upper()} score {int(number)}", False
         if kind == "motor_weakness":
             present = holder.get("valueBoolean")
             if not isinstance(present, bool):
@@ -418,10 +329,10 @@ class FactExtractor:
             return present, "deep focal motor weakness" if present else "no focal motor weakness", False
         # consciousness, seizure, cerebral_edema: coded answers from the project CodeSystem
         answers = self.terms[ICANS_ANSWER_VALUESETS[kind]]
-        for system, code in codeable_codes(holder.get("valueCodeableConcept")):
-            if (system, code) in answers.codes:
-                return code, f"{_human(kind)}: {code.replace('-', ' ')}", False
-        raise UnreadableValue(f"answer must be a code of ValueSet {answers.id}")
+        answer = answers.agent_for_code(codeable_codes(holder.get("valueCodeableConcept")))
+        if answer is None:
+            raise UnreadableValue(f"answer must be a code of ValueSet {answers.id}")
+        return answer, f"{_human(kind)}: {answer.replace('-', ' ')}", False
 
     def _device(self, holder: Mapping) -> tuple[int, str, bool]:
         codeable = holder.get("valueCodeableConcept")
@@ -442,51 +353,105 @@ class FactExtractor:
         raise UnreadableValue(f"oxygen device not recognised: {names or codeable_codes(codeable)}")
 
     # ---- MedicationAdministrations -----------------------------------------------------------
-    def _administration(self, admin: Mapping) -> None:
-        if isinstance(admin.get("medicationReference"), dict):
-            readout = self._administration_readout(admin)  # the Medication it points to is in this request
-        else:
-            readout = _administration_memo(self.terms)(admin, self._administration_readout)
-        if readout.problem:
-            self._unreadable(admin, readout.problem)
-        if readout.timing is None:
-            return  # not a drug the rules read, a status that never counts, or unreadable
-        start, end = readout.timing
-        if end is None:
-            # An open period is running now only while in progress; otherwise it counts at its start.
-            end = max(start, self.now) if readout.status == "in-progress" else start
-        if readout.status == "stopped" and end < start:
-            return  # stopped before it started
-        self.facts.drugs.append(DrugEvent(readout.agent, readout.categories, start, end, readout.status,
-                                          readout.reference, readout.label, readout.dose_mg))
-
-    def _administration_readout(self, admin: Mapping) -> AdministrationReadout:
+    def _administration(self, admin: Mapping) -> _Administration | None:
+        """A MedicationAdministration of a drug the rules read, in a status that counts; None
+        otherwise, or when it cannot be read (then it is listed as unreadable)."""
         codeable, texts = medication_concept(admin, self.medications)
         categories = self.terms.categories(MEDICATION_VALUESETS, codeable, texts)
         if not categories:
-            unresolved = codeable is None and not texts
-            return AdministrationReadout(problem="medication could not be resolved" if unresolved else None)
+            if codeable is None and not texts:
+                missing = referenced_medication(admin)
+                self._unreadable(admin, f"its medication ({missing}) could not be read" if missing
+                                 else "its medication could not be resolved")
+            return None
         status = admin.get("status")
         if isinstance(status, str) and status in IGNORED_ADMINISTRATION_STATUSES:
-            return AdministrationReadout()  # any other status is checked below
-        problem = _administration_validation(admin, _validate) or _status_problem(admin, ADMINISTRATION_STATUSES)
-        if problem:
-            return AdministrationReadout(problem=problem)
+            return None
         try:
-            timing = effective_interval(admin)
+            problem = self._problem_in_shape(admin)
+            if problem:
+                raise UnreadableValue(problem)
+            start, end = self._time(admin)
+            dosage = admin.get("dosage")
+            if dosage is not None and not isinstance(dosage, dict):
+                raise UnreadableValue("dosage is not an object")
+            rate, dose_mg = _rate(dosage), _dose_mg(dosage)
         except UnreadableValue as exc:
-            return AdministrationReadout(problem=str(exc))
+            self._unreadable(admin, str(exc))
+            return None
         agent = next(iter(categories.values()))
-        dose_mg = None
-        dosage = admin.get("dosage")
-        dose = dosage.get("dose") if isinstance(dosage, dict) else None
-        if dose is not None:
-            try:
-                dose_mg = quantity_in(dose, "mg")
-            except UnreadableValue:
-                dose_mg = None  # a dose in mL or units does not stop the drug from counting
         label = agent + (f" {dose_mg:g} mg" if dose_mg is not None else "")
-        return AdministrationReadout(timing, agent, frozenset(categories), status, resource_key(admin), label, dose_mg)
+        return _Administration(agent, frozenset(categories), start, end, status, resource_key(admin), label,
+                               dose_mg, rate, "effectiveDateTime" in admin)
+
+    def _drug_events(self, administrations: list[_Administration]) -> list[DrugEvent]:
+        """When each drug ran. A period runs from start to end; an open one runs until now only
+        while in progress, otherwise it counts at its start. Infusions charted as events (one
+        moment and a rate each) are joined into runs (``_infusion_runs``)."""
+        events: list[DrugEvent] = []
+        infusion_events: dict[str, list[_Administration]] = {}
+        for given in administrations:
+            if given.instant and given.rate is not None:
+                infusion_events.setdefault(given.agent, []).append(given)
+                continue
+            end = given.end
+            if end is None:
+                end = max(given.start, self.now) if given.status == "in-progress" else given.start
+            if given.status == "stopped" and end < given.start:
+                continue  # stopped before it started
+            events.append(given.event(given.start, end))
+        for charted in infusion_events.values():
+            events.extend(self._infusion_runs(sorted(charted, key=lambda a: a.start)))
+        return events
+
+    def _infusion_runs(self, charted: list[_Administration]) -> list[DrugEvent]:
+        """When an infusion is charted as events of one drug (begin bag, rate changes), then an
+        event with a rate above zero starts or continues it, and it runs until the next event with
+        rate 0 or status stopped or on-hold, or at most ``infusion_carry_hours`` after the last
+        event (and not past now).  Source: decisions.md 10."""
+        carry = timedelta(hours=self.protocol["infusion_carry_hours"])
+        runs: list[DrugEvent] = []
+        first: _Administration | None = None
+        for event in charted:
+            ends = event.rate <= 0 or event.status in ("stopped", "on-hold")
+            if first is not None and ends:
+                runs.append(first.event(first.start, event.start))
+                first = None
+            elif first is None and not ends:
+                first = event
+        if first is not None:
+            last = charted[-1].start
+            runs.append(first.event(first.start, max(first.start, min(last + carry, self.now))))
+        return runs
+
+
+def _dose_mg(dosage: dict | None) -> float | None:
+    """dosage.dose in mg; None when not charted or in another unit (mL, units: the drug still
+    counts). A dose that is not a Quantity with a number is unreadable."""
+    dose = dosage.get("dose") if dosage else None
+    if dose is None:
+        return None
+    if not isinstance(dose, dict):
+        raise UnreadableValue("dosage.dose is not a Quantity")
+    finite_number(dose.get("value"), "dosage.dose")
+    try:
+        return quantity_in(dose, "mg")
+    except UnreadableValue:
+        return None
+
+
+def _rate(dosage: dict | None) -> float | None:
+    """dosage.rate[x] as a number (its unit does not matter: only whether it is above zero)."""
+    if not isinstance(dosage, dict):
+        return None
+    if "rateQuantity" in dosage:
+        quantity = dosage["rateQuantity"]
+        return finite_number(quantity.get("value") if isinstance(quantity, dict) else None, "dosage rate")
+    if "rateRatio" in dosage:
+        ratio = dosage["rateRatio"]
+        numerator = ratio.get("numerator") if isinstance(ratio, dict) else None
+        return finite_number(numerator.get("value") if isinstance(numerator, dict) else None, "dosage rate")
+    return None
 
 
 def _status_problem(resource: Mapping, allowed: set[str]) -> str | None:
@@ -502,5 +467,6 @@ def _human(kind: str) -> str:
 
 
 def extract_facts(resources: Iterable[Mapping], now: datetime, terminology: Terminology,
-                  protocol: Protocol, horizon_for: Callable[[Facts], Horizon | None] | None = None) -> Facts:
-    return FactExtractor(terminology, protocol, now).extract(resources, horizon_for)
+                  protocol: Protocol, horizon_for: Callable[[Facts], Horizon | None] | None = None,
+                  zone: tzinfo = timezone.utc) -> Facts:
+    return FactExtractor(terminology, protocol, now, zone).extract(resources, horizon_for)

@@ -109,6 +109,21 @@ class Facts:
     readings: list[Reading] = field(default_factory=list)
     drugs: list[DrugEvent] = field(default_factory=list)
     unreadable: list[Unreadable] = field(default_factory=list)
+    # How the chart was read, for the call log and the card: copies dropped, resources whose times
+    # had no zone (read in the site's), elements no rule reads that R4 does not have either.
+    duplicates: int = 0
+    zoneless: list[str] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)
+
+    def reading_notes(self) -> dict:
+        """What the call log says of the reading: copies dropped, times without a zone, elements
+        ignored (only those that occurred)."""
+        notes = {"duplicates": self.duplicates, "timesWithoutZone": len(set(self.zoneless)),
+                 "ignoredElements": dict(self.ignored)}
+        return {name: value for name, value in notes.items() if value}
+
+    def note_ignored(self, element: str) -> None:
+        self.ignored[element] = self.ignored.get(element, 0) + 1
 
     def of_kind(self, kind: str) -> list[Reading]:
         return [r for r in self.readings if r.kind == kind]
@@ -255,6 +270,7 @@ class Assessment:
     assessable: bool = True  # False: whether the patient is in scope could not be told
     iec_car_t: bool = False  # the latest IEC therapy is a CAR-T product (not a T-cell engager)
     situation: Any = field(default=None, repr=False, compare=False)  # scope.Situation, for order checks
+    reading: dict = field(default_factory=dict, compare=False)  # how the chart was read (Facts.reading_notes)
     tz: Any = field(default=None, repr=False, compare=False)  # the site's time zone, for the words
 
     @property

@@ -7,7 +7,7 @@ Draft orders are read leniently: real clients send single objects where R4 wants
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Iterable, Mapping
 
 from ..terminology import Terminology, load_terminology
@@ -183,7 +183,8 @@ def tocilizumab_order(order: DraftOrder, assessment: Assessment, protocol: Proto
 
 def review_orders(draft_resources: Iterable[Mapping], patient_resources: Iterable[Mapping], now: datetime,
                   selections: Iterable[str] | None = None, protocol: Protocol | None = None,
-                  terminology: Terminology | None = None, unread_sources=(), tz=None) -> tuple[Assessment, list[Recommendation]]:
+                  terminology: Terminology | None = None, unread_sources=(),
+                  zone: tzinfo = timezone.utc) -> tuple[Assessment, list[Recommendation]]:
     """Check draft orders (only the ``selections`` when given, as order-select asks) against the
     patient's record at ``now`` (its resources may hold the patient's MedicationRequests: a CAR-T
     product ordered is a scheduled dose). The patient is graded only when an order needs the grades
@@ -194,12 +195,13 @@ def review_orders(draft_resources: Iterable[Mapping], patient_resources: Iterabl
     drafts = read_draft_orders(draft_resources, terminology)
     focus = set(selections) if selections else None
     chosen = [order for order in drafts if focus is None or order.reference in focus]
-    scope = assess(patient_resources, now, protocol, terminology, unread_sources, grade=False, tz=tz)
+    scope = assess(patient_resources, now, protocol, terminology, unread_sources, grade=False, zone=zone)
     car_t_near = car_t_dose_near(scope, drafts, patient_resources, now, protocol, terminology) \
         if scope.assessable else None
     needs_grades = scope.in_scope and any(
         "tocilizumab" in o.categories or ("systemic-corticosteroids" in o.categories and car_t_near) for o in chosen)
-    assessment = assess(patient_resources, now, protocol, terminology, unread_sources, tz=tz) if needs_grades else scope
+    assessment = (assess(patient_resources, now, protocol, terminology, unread_sources, zone=zone) if needs_grades
+                  else scope)
     findings: list[Recommendation] = []
     for order in chosen:
         findings += gm_csf_after_iec(order, assessment, protocol)

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
+
+from .client import is_error_outcome, next_link
 
 
 class BundleError(ValueError):
@@ -29,13 +33,13 @@ def resources_in(data: Any) -> list[dict]:
     return resources
 
 
-def parse_resources_text(text: str) -> list[dict]:
-    """A JSON Bundle/resource, or NDJSON (one resource per line)."""
+def parse_json_text(text: str) -> Any:
+    """A JSON document, or NDJSON (one resource per line) as a list of resources."""
     stripped = text.strip()
     if not stripped:
         raise BundleError("the file is empty")
     try:
-        return resources_in(json.loads(stripped))
+        return json.loads(stripped)
     except json.JSONDecodeError as whole_error:
         lines = [line for line in stripped.splitlines() if line.strip()]
         if len(lines) < 2:
@@ -47,3 +51,47 @@ def parse_resources_text(text: str) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise BundleError(f"NDJSON line {number} is not valid JSON: {exc.msg}") from None
         return resources
+
+
+def parse_resources_text(text: str) -> list[dict]:
+    """The resources of a JSON Bundle/resource, or of NDJSON (one resource per line)."""
+    data = parse_json_text(text)
+    return data if isinstance(data, list) else resources_in(data)
+
+
+@dataclass
+class SearchContents:
+    """What a search result (or any Bundle) holds for the reading: its resources, whether an entry
+    is an error OperationOutcome (the search failed), and a next page that was not read. Outcomes
+    of severity information or warning (Epic's "no results") are not resources and not failures."""
+
+    resources: list[dict]
+    failed: bool
+    next_url: str | None
+
+
+def search_contents(data: Any) -> SearchContents:
+    found = resources_in(data)
+    failed = any(r["resourceType"] == "OperationOutcome" and is_error_outcome(r) for r in found)
+    next_url = next((url for bundle in _bundles(data) if (url := next_link(bundle))), None)
+    return SearchContents([r for r in found if r["resourceType"] != "OperationOutcome"], failed, next_url)
+
+
+def _bundles(data: Any):
+    """The Bundle itself and every Bundle nested in its entries."""
+    if isinstance(data, dict) and data.get("resourceType") == "Bundle":
+        yield data
+        entries = data.get("entry")
+        for entry in entries if isinstance(entries, list) else ():
+            yield from _bundles(entry.get("resource") if isinstance(entry, dict) else None)
+
+
+def searched_type(bundle: Any) -> str:
+    """The resource type a search Bundle's self link searched for; "Bundle" when it does not say."""
+    links = bundle.get("link") if isinstance(bundle, dict) else None
+    for link in links if isinstance(links, list) else ():
+        if isinstance(link, dict) and link.get("relation") == "self" and isinstance(link.get("url"), str):
+            name = urlsplit(link["url"]).path.rstrip("/").rsplit("/", 1)[-1]
+            if name[:1].isupper() and name.isalpha():
+                return name
+    return "Bundle"

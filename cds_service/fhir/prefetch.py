@@ -22,11 +22,11 @@ from functools import cached_property, lru_cache
 from typing import Any, Iterable
 from urllib.parse import quote
 
-from cds_service.clinical.fhir_read import UnreadableValue, parse_datetime
+from cds_service.clinical.fhir_read import UnreadableValue, parse_datetime, referenced_medication
 from cds_service.clinical.model import Unreadable
 from cds_service.errors import PreconditionFailed
-from cds_service.fhir.bundle import BundleError, resources_in
-from cds_service.fhir.client import FetchOutcome, FhirClient, is_error_outcome, next_link, resource_type_of
+from cds_service.fhir.bundle import BundleError, search_contents
+from cds_service.fhir.client import FetchOutcome, FhirClient, next_link, resource_type_of
 
 _TOKEN = re.compile(r"\{\{(.*?)\}\}")
 _USER_TOKENS = {
@@ -220,21 +220,44 @@ def resolve_prefetch(templates: dict[str, str], request: dict, client: FhirClien
         for key in wanted:
             _apply_outcome(key, outcomes[key.name], settings)
 
-    seen: set[tuple[str, str]] = set()
     for key in keys:
         result.sources[key.name] = key.source
         if key.failure is not None:
             result.failures.append(Unreadable(reference=f"prefetch:{key.name}", reason=key.failure,
                                               source=key.resource_type))
-        for resource in key.resources:
-            identity = resource.get("id")
-            if isinstance(identity, str) and identity:
-                marker = (resource["resourceType"], identity)
-                if marker in seen:
-                    continue
-                seen.add(marker)
-            result.resources.append(resource)
+        result.resources += key.resources
+    if server is not None:
+        _fetch_named_medications(result, client, server, token, settings)
     return result
+
+
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+
+def _fetch_named_medications(result: PrefetchResult, client: FhirClient, server: str, token: str | None,
+                             settings: Any) -> None:
+    """Medications that administrations name only by reference (``Medication/123``, no display),
+    absent from what was gathered: fetched in one search, in what is left of the time budget.
+    One that cannot be had leaves only its administrations unreadable (decisions.md 10)."""
+    have = {f"Medication/{r.get('id')}" for r in result.resources if r.get("resourceType") == "Medication"}
+    wanted = sorted({
+        key for r in result.resources if r.get("resourceType") == "MedicationAdministration"
+        and not _displayed(r) and (key := referenced_medication(r)) and key not in have
+        and _FHIR_ID.match(key.split("/", 1)[1])})
+    budget = settings.fhir_budget_seconds - result.fetch_seconds
+    if not wanted or budget <= 0:
+        return
+    started = time.monotonic()
+    query = "Medication?_id=" + ",".join(key.split("/", 1)[1] for key in wanted)
+    outcome = client.fetch(server, {"referenced medications": query}, token, budget)["referenced medications"]
+    result.fetch_seconds += time.monotonic() - started
+    result.resources += [r for r in outcome.resources or () if r.get("resourceType") == "Medication"]
+    result.sources["referenced medications"] = "fetched" if outcome.resources is not None else "failed"
+
+
+def _displayed(administration: dict) -> bool:
+    reference = administration.get("medicationReference")
+    return isinstance(reference, dict) and isinstance(reference.get("display"), str) and bool(reference["display"].strip())
 
 
 def prefetched_only(templates: dict[str, str], request: dict) -> list[dict] | None:
@@ -284,21 +307,19 @@ def _use_prefetched(key: _Key, value: Any) -> None:
         key.resources = [value]
         return
     try:
-        found = resources_in(value)
+        contents = search_contents(value)
     except BundleError:
         key.failure = "prefetched Bundle is malformed"
         _plan_fetch(key)
         return
-    outcomes = [r for r in found if r["resourceType"] == "OperationOutcome"]
-    if any(is_error_outcome(o) for o in outcomes):
+    if contents.failed:
         key.failure = "the CDS client's prefetch failed (OperationOutcome in the Bundle)"
         _plan_fetch(key)
         return
-    key.resources = [r for r in found if r["resourceType"] != "OperationOutcome"]
-    next_url = next_link(value)
-    if next_url is not None:
+    key.resources = contents.resources
+    if contents.next_url is not None:
         key.failure = "prefetched Bundle has more pages"
-        key.fetch, key.continuation = next_url, True
+        key.fetch, key.continuation = contents.next_url, True
 
 
 def _plan_fetch(key: _Key) -> None:

@@ -19,10 +19,9 @@ from flask import Blueprint, Request, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
-from ..fhir.prefetch import resolve_prefetch
 from .auth import AuthenticatedClient
 from .openapi import load_schema_file
-from .registry import SERVICES, SERVICES_BY_ID, HookCall, out_of_scope, prefetch_cutoffs, prefetch_templates
+from .registry import SERVICES, SERVICES_BY_ID, gather, prefetch_templates
 
 if TYPE_CHECKING:
     from ..app import ServiceState
@@ -232,22 +231,18 @@ def call_service(state: ServiceState, req: Request, client: AuthenticatedClient 
         validate_hook_request(body, service.hook)
         allowed = state.auth.fhir_server_allowed(body.get("fhirServer"), client)
         now = datetime.fromtimestamp(time.time_ns() // 10**9, timezone.utc)  # whole seconds (replace() costs 3 us)
-        unconcerned = out_of_scope(service, body, state.templates, now, state.protocol, state.terminology)
-        if unconcerned is not None:  # most chart opens: answered from one key, before the others
-            notes.update(scope=unconcerned, sources={service.scope_key: "prefetch"})
+        call = gather(service, body, state.templates, now, state.protocol, state.terminology, state.zone,
+                      state.fhir_client, state.settings, server_allowed=allowed)
+        if isinstance(call, str):  # out of scope, told from the scope key alone
+            notes.update(scope=call, sources={service.scope_key: "prefetch"})
             outcome = "ok"
             return Response(NO_CARDS, mimetype="application/json")
-        templates = {key: state.templates[key] for key in service.prefetch_keys}
-        gathered = resolve_prefetch(templates, body, state.fhir_client, state.settings, set(service.required_keys),
-                                    server_allowed=allowed, cutoffs=prefetch_cutoffs(state.protocol, now))
-        call = HookCall(service, body, gathered.resources, gathered.failures, now,
-                        state.protocol, state.terminology, tz=state.tz or timezone.utc,
-                        quiet_when_normal=state.settings.quiet_when_normal, protocol_url=protocol_url(state, req))
+        call.quiet_when_normal = state.settings.quiet_when_normal
+        call.protocol_url = protocol_url(state, req)
         cards = service.handler(call)
         state.feedback.remember_cards(service_id, body["hookInstance"],
                                       [(card["uuid"], card["source"]["topic"]["code"]) for card in cards])
         notes.update(call.notes)
-        notes["sources"] = gathered.sources
         outcome = "ok"
         return json_response({"cards": cards})
     except ServiceError as error:
@@ -268,7 +263,8 @@ def _log_call(write_line: Callable[[str], None], service_id: str, client, starte
         f'"iss": {_json(client.iss if client is not None else None)}, "outcome": {_json(outcome)}, '
         f'"ms": {round((time.perf_counter() - started) * 1000, 1)!r}, '  # a finite float: repr is json's text
         f'"cards": {_json([card["source"]["topic"]["code"] for card in cards])}, "grades": {_json(notes.get("grades"))}, '
-        f'"sources": {_json(notes.get("sources"))}, "scope": {_json(notes.get("scope"))}, '
+        f'"sources": {_json(notes.get("sources"))}, "read": {_json(notes.get("read"))}, '
+        f'"scope": {_json(notes.get("scope"))}, '
         f'"lenient": {_json(notes.get("lenient"))}, "reason": {_json(notes.get("reason"))}}}')
 
 

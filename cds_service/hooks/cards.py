@@ -101,7 +101,9 @@ def _missing_line(assessment: Assessment) -> list[str]:
         missing += [m for m in grade.missing if m not in missing] if grade.at_least else []
     if not missing:
         return []
-    return ["- ⚠ Some data could not be read, so the grades may be higher: " + "; ".join(missing[:5])]
+    sources = [m for m in missing if m.startswith("prefetch:")]  # whole sources: every one is named
+    shown = sources + [m for m in missing if m not in sources][:max(0, 5 - len(sources))]
+    return ["- ⚠ Some data could not be read, so the grade may be higher: " + "; ".join(shown)]
 
 
 def _recommendation_line(rec: Recommendation, seen: set[str]) -> str | None:

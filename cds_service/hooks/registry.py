@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import Callable
 
 from ..clinical import assess, never_in_scope, no_iec_therapy_reason, out_of_scope_reason
-from ..clinical.facts import ICANS_CODES, content_memo
 from ..clinical.model import Assessment, Unreadable
 from ..clinical.orders import review_orders
 from ..clinical.protocol import Protocol
 from ..errors import BadRequest, PreconditionFailed
 from ..fhir.bundle import BundleError, resources_in
-from ..fhir.prefetch import prefetched_only, search_content
-from ..terminology import IEC_TOXICITY, Terminology
+from ..fhir.client import FhirClient
+from ..fhir.prefetch import prefetched_only, resolve_prefetch, search_content
+from ..terminology import Terminology
 from .cards import assessment_cards, finding_cards
+from .memo import ContentMemo
 
 log = logging.getLogger("crs_cds.hooks")
 
@@ -27,10 +28,14 @@ log = logging.getLogger("crs_cds.hooks")
 OBSERVATION_KEYS = {
     "temperatures": ("body-temperature",),
     "bloodPressures": ("systolic-blood-pressure", "blood-pressure-panel", "mean-arterial-pressure"),
-    "oxygen": ("oxygen-flow-rate", "oxygen-delivery-method", "pulse-oximetry"),
-    "assessments": ("body-weight", "ferritin", "c-reactive-protein"),
+    "oxygen": ("oxygen-flow-rate", "pulse-oximetry"),
+    # The delivery method has its own key, read further back: CPAP/BiPAP charted in the 7 days
+    # before the first IEC dose is the patient's home device (decisions.md 3).
+    "oxygenDevices": ("oxygen-delivery-method",),
+    "assessments": ("body-weight", "ferritin", "c-reactive-protein", "icans-ice-score", "icans-capd-score",
+                    "icans-consciousness", "icans-seizure", "icans-motor-weakness", "icans-cerebral-edema"),
 }
-PAGE_SIZES = {"temperatures": 1000, "bloodPressures": 200, "oxygen": 300, "assessments": 200}
+PAGE_SIZES = {"temperatures": 1000, "bloodPressures": 200, "oxygen": 300, "oxygenDevices": 200, "assessments": 200}
 
 
 @dataclass
@@ -44,8 +49,8 @@ class HookCall:
     now: datetime
     protocol: Protocol
     terminology: Terminology
+    zone: tzinfo                               # the site's time zone: zoneless times, and the cards' words
     notes: dict = field(default_factory=dict)  # for the call's log line
-    tz: tzinfo = timezone.utc                  # the site's time zone, for the words of the cards
     quiet_when_normal: bool = True             # no card for a normal in-scope patient
     protocol_url: str | None = None            # where the protocol document is served, for card links
 
@@ -88,10 +93,12 @@ def prefetch_templates(terminology: Terminology) -> dict[str, str]:
 
     templates = {"patient": "Patient/{{context.patientId}}"}
     for key, valuesets in OBSERVATION_KEYS.items():
-        wanted = codes(valuesets) + ([f"{IEC_TOXICITY}|{c}" for c in ICANS_CODES] if key == "assessments" else [])
+        wanted = codes(valuesets)
         templates[key] = (f"Observation?patient={{{{context.patientId}}}}&code={','.join(wanted)}"
                           f"&_sort=-date&_count={PAGE_SIZES[key]}")
-    templates["medications"] = "MedicationAdministration?patient={{context.patientId}}&_count=500"
+    # Medications named by reference come with their administrations where the server supports it.
+    templates["medications"] = ("MedicationAdministration?patient={{context.patientId}}"
+                                "&_include=MedicationAdministration:medication&_count=500")
     # The order hooks read the patient's open medication orders: a CAR-T product ordered (scheduled)
     # makes a corticosteroid order premedication (decisions.md 6 rule 8).
     templates["medicationRequests"] = ("MedicationRequest?patient={{context.patientId}}"
@@ -107,17 +114,19 @@ def prefetch_cutoffs(protocol: Protocol, now: datetime) -> dict[str, datetime]:
         "temperatures": now - episode_days,
         "bloodPressures": now - protocol.window("hypotension"),
         "oxygen": now - protocol.window("oxygen") - pairing,
+        "oxygenDevices": now - episode_days - timedelta(days=protocol["home_positive_pressure_days_before"]),
         "assessments": now - max(episode_days, timedelta(days=protocol["weight_window_days"])),
     }
 
 
 def _assess_or_412(call: HookCall) -> Assessment:
-    assessment = assess(call.resources, call.now, call.protocol, call.terminology, call.unread, tz=call.tz)
+    assessment = assess(call.resources, call.now, call.protocol, call.terminology, call.unread, zone=call.zone)
     if not assessment.assessable:
         raise PreconditionFailed("the patient's medication administrations could not be read, so whether "
                                  "IEC therapy was given cannot be told: "
                                  + "; ".join(f"{u.reference}: {u.reason}" for u in assessment.unreadable))
     call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
+    call.notes["read"] = assessment.reading or None
     return assessment
 
 
@@ -150,7 +159,24 @@ def out_of_scope(service: ServiceDeclaration, request: dict, templates: dict[str
 @lru_cache(maxsize=8)
 def _never_in_scope_memo(template: str, terminology: Terminology, in_scope_statuses: tuple[str, ...]):
     """One per everything ``never_in_scope`` depends on besides the key's content."""
-    return content_memo(size=5_000)
+    return ContentMemo(size=5_000)
+
+
+def gather(service: ServiceDeclaration, request: dict, templates: dict[str, str], now: datetime,
+           protocol: Protocol, terminology: Terminology, zone: tzinfo, client: FhirClient, settings,
+           server_allowed: bool = True) -> HookCall | str:
+    """The hook call with its FHIR data gathered (prefetch, then fetches), or why the patient is
+    out of scope when the scope key alone shows it. The one way a hook request is read, by the
+    service and by ``crs-cds grade``. Raises PreconditionFailed when required data cannot be had."""
+    unconcerned = out_of_scope(service, request, templates, now, protocol, terminology)
+    if unconcerned is not None:  # most chart opens: answered from one key, before the others
+        return unconcerned
+    wanted = {key: templates[key] for key in service.prefetch_keys}
+    gathered = resolve_prefetch(wanted, request, client, settings, set(service.required_keys),
+                                server_allowed=server_allowed, cutoffs=prefetch_cutoffs(protocol, now))
+    call = HookCall(service, request, gathered.resources, gathered.failures, now, protocol, terminology, zone)
+    call.notes["sources"] = gathered.sources
+    return call
 
 
 def patient_view(call: HookCall) -> list[dict]:
@@ -187,10 +213,11 @@ def _order_checks(call: HookCall, selections: list[str] | None) -> list[dict]:
         call.notes["medicationRequests"] = "unread: " + orders_unread[0].reason
     unread = [u for u in call.unread if u not in orders_unread]
     assessment, findings = review_orders(_draft_resources(call), call.resources, call.now, selections,
-                                         call.protocol, call.terminology, unread, tz=call.tz)
+                                         call.protocol, call.terminology, unread, zone=call.zone)
     if not assessment.assessable:
         raise PreconditionFailed("the patient's medication administrations could not be read")
     call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
+    call.notes["read"] = assessment.reading or None
     return finding_cards(findings, assessment, call.terminology, call.protocol_url)
 
 

@@ -1,4 +1,5 @@
-"""What is remembered between calls is keyed by resource version, and never changes an answer."""
+"""Nothing read in one call changes another: resources are read afresh each time, whatever their
+ids and versions; the service's one memo (out of scope) is keyed by content."""
 from __future__ import annotations
 
 import copy
@@ -96,46 +97,36 @@ def test_the_production_entry_point_serves_and_freezes_start_up_objects(tmp_path
 
 
 def test_the_memo_is_bounded_and_forgets_the_oldest_first():
-    from cds_service.clinical.facts import _VersionMemo
+    from cds_service.hooks.memo import ContentMemo
 
-    memo, computed = _VersionMemo(size=10, by_content=False), []
+    memo, computed = ContentMemo(size=10), []
 
-    def compute(resource):
-        computed.append(resource["id"])
-        return resource["id"].upper()
+    def compute(value):
+        computed.append(value["id"])
+        return value["id"].upper()
 
-    versions = [{"resourceType": "Observation", "id": f"o{n}", "meta": {"versionId": "1", "lastUpdated": "2026-11-21T00:00:00Z"}}
-                for n in range(25)]
-    assert [memo(v, compute) for v in versions] == [f"O{n}" for n in range(25)]
+    values = [{"resourceType": "Observation", "id": f"o{n}"} for n in range(25)]
+    assert [memo(v, compute) for v in values] == [f"O{n}" for n in range(25)]
     assert len(memo.results) <= 10
     computed.clear()
-    assert memo(versions[-1], compute) == "O24" and computed == []     # the newest is still there
-    assert memo(versions[0], compute) == "O0" and computed == ["o0"]   # the oldest was dropped
-    unversioned = {"resourceType": "Observation", "id": "x"}
-    memo(unversioned, compute), memo(unversioned, compute)
-    assert computed.count("x") == 2                                    # nothing names it: never kept
+    assert memo(values[-1], compute) == "O24" and computed == []     # the newest is still there
+    assert memo(values[0], compute) == "O0" and computed == ["o0"]   # the oldest was dropped
+    assert memo({**values[-1], "status": "final"}, compute) == "O24" and computed == ["o0", "o24"]  # other content
 
 
-def test_an_observation_outside_every_window_is_not_validated(monkeypatch):
-    """FHIR validation is the costly part of reading (~0.2 ms): a long chart pays it only for the
-    Observations some rule's window admits, remembered or not."""
-    import uuid
-
-    from cds_service.clinical import facts
-
-    validated = []
-    real_validate = facts._validate
-    monkeypatch.setattr(facts, "_validate", lambda resource: validated.append(resource["id"]) or real_validate(resource))
-    chart = Chart(f"memo-{uuid.uuid4().hex[:8]}", NOW, "Test", "Pat", "female", 50)
+def test_an_observation_outside_every_window_is_not_read():
+    """A long chart costs only what some rule's window admits: a malformed blood pressure from
+    before the 12 h window is not read (nor reported), one inside it is reported."""
+    chart = Chart("window-read", NOW, "Test", "Pat", "female", 50)
     chart.iec(YESCARTA, days_ago=5)
     chart.bp(70, 40, hours_ago=20)      # older than the 12 h hypotension window
     chart.bp(85, 50, hours_ago=1)
-    stored = [_stored(r, "1") if r["resourceType"] == "Observation" else r for r in chart.resources]
-    for _ in range(2):
-        assess(stored, NOW)
-    old, recent = [r["id"] for r in stored if r["resourceType"] == "Observation"]
-    assert old not in validated
-    assert validated.count(recent) == 1  # once, then remembered
+    old, recent = [r for r in chart.resources if r["resourceType"] == "Observation"]
+    for reading in (old, recent):
+        for component in reading["component"]:
+            component["valueQuantity"]["value"] = "low"
+    result = assess(chart.resources, NOW)
+    assert [u.reference for u in result.unreadable] == [f"Observation/{recent['id']}"]
 
 
 def test_two_servers_resources_sharing_an_id_and_version_are_not_confused():
@@ -172,17 +163,20 @@ def test_an_administration_s_drug_corrected_under_the_same_version_is_read_as_co
     assert _in_scope([infusion])
 
 
-def test_an_administration_made_invalid_under_the_same_version_is_reported():
-    """Its validity is remembered by content too: an infusion edited in place (same versionId and
-    lastUpdated) into invalid FHIR, in a field the rules do not read, is reported as unreadable."""
-    chart = Chart("memo-invalid", NOW, "Test", "Pat", "female", 50)
+def test_an_administration_edited_in_place_is_read_as_it_is_now():
+    """The same versionId and lastUpdated, other content: an element no rule reads (a route
+    written as a string) is ignored, a dose no rule can read (a string) is reported."""
+    chart = Chart("edited-in-place", NOW, "Test", "Pat", "female", 50)
     infusion = _stored(chart.iec(YESCARTA, days_ago=2), "1")
-    broken = {**infusion, "dosage": {**infusion["dosage"], "route": "IV"}}  # route is a CodeableConcept
+    odd_route = {**infusion, "dosage": {**infusion["dosage"], "route": "IV"}}
+    bad_dose = {**infusion, "dosage": {**infusion["dosage"], "dose": {"value": "one bag", "unit": "mg"}}}
     for _ in range(2):
-        assert extract_facts([infusion], NOW, Terminology.load(), default_protocol()).unreadable == []
-        facts = extract_facts([broken], NOW, Terminology.load(), default_protocol())
+        for readable in (infusion, odd_route):
+            facts = extract_facts([readable], NOW, Terminology.load(), default_protocol())
+            assert facts.unreadable == [] and len(facts.drugs) == 1
+        facts = extract_facts([bad_dose], NOW, Terminology.load(), default_protocol())
         assert [u.reference for u in facts.unreadable] == [f"MedicationAdministration/{infusion['id']}"]
-        assert "dosage.route" in facts.unreadable[0].reason and facts.drugs == []
+        assert "dose" in facts.unreadable[0].reason and facts.drugs == []
 
 
 def test_an_administration_naming_a_medication_elsewhere_is_read_every_time():
@@ -214,7 +208,7 @@ def test_a_remembered_open_infusion_runs_until_each_call_s_now():
 
 
 def test_content_hashes_tell_apart_every_difference_json_can_carry():
-    from cds_service.clinical.facts import content_hash
+    from cds_service.hooks.memo import content_hash
 
     base = {"resourceType": "MedicationAdministration", "status": "completed", "dosage": {"dose": {"value": 1}}}
     same = json.loads(json.dumps(base))
