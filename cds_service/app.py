@@ -197,6 +197,19 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         body, content_type = exposition()
         return Response(body, content_type=content_type)
 
+    @app.get("/protocol")
+    @app.get("/protocol/<site_name>")
+    def protocol_document(site_name: str | None = None):
+        """The protocol in force (the deployment's, or a site profile's) as a readable Markdown
+        document, which the cards link to. No patient data and nothing the package does not publish:
+        no client JWT, so that a clinician can follow the link from a card."""
+        from .clinical.protocol import protocol_markdown
+
+        site = state.sites.default if site_name is None else state.sites.named(site_name)
+        if site is None:
+            return _outcome(404, f"no site profile {site_name[:80]!r}", "not-found")
+        return Response(protocol_markdown(site.protocol), mimetype="text/markdown")
+
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
         return _outcome(error.code or 500, error.description or error.name, "processing")

@@ -58,6 +58,22 @@ def cmd_grade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_protocol_show(args: argparse.Namespace) -> int:
+    """The protocol in force (the default, or a site file merged over it), checked, as JSON or as
+    the readable Markdown document the cards link to."""
+    from .clinical.protocol import Protocol, ProtocolError, protocol_markdown
+
+    try:
+        protocol = Protocol.load(args.protocol)
+    except ProtocolError as exc:
+        raise CliError(str(exc)) from None
+    if args.markdown:
+        sys.stdout.write(protocol_markdown(protocol))
+    else:
+        print(json.dumps(protocol.data, indent=2, ensure_ascii=False))
+    return 0
+
+
 def _is_hook_request(data) -> bool:
     return isinstance(data, dict) and "resourceType" not in data and "hook" in data and "context" in data
 
@@ -141,12 +157,13 @@ def cmd_scenarios_list(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Development server. Production: gunicorn (see README, "Serving")."""
     from .app import configure_logging, create_app
+    from .clinical.protocol import ProtocolError
     from .settings import SettingsError
 
     handler = configure_logging()
     try:
         app = create_app(_settings(args.config), call_lines_to=handler)
-    except SettingsError as exc:  # e.g. auth on and no trusted issuers
+    except (SettingsError, ProtocolError) as exc:  # e.g. auth on and no trusted issuers; a bad site protocol
         raise CliError(str(exc)) from None
     app.run(host=args.host, port=args.port, threaded=True)
     return 0
@@ -213,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--protocol", help="a site protocol file (overrides the settings' protocol_file)")
     grade.add_argument("--config", help="a JSON settings file, as the service's (default: CRS_CDS_CONFIG)")
     grade.set_defaults(handler=cmd_grade)
+
+    protocol = commands.add_parser("protocol", help="the clinical protocol (default or site file)")
+    protocol_commands = protocol.add_subparsers(dest="protocol_command", required=True)
+    show = protocol_commands.add_parser("show", help="print the protocol in force, checked against its schema")
+    show.add_argument("--protocol", help="a site protocol file overriding the default protocol")
+    show.add_argument("--markdown", action="store_true", help="as the readable Markdown document")
+    show.set_defaults(handler=cmd_protocol_show)
 
     scenarios = commands.add_parser("scenarios", help="the built-in clinical scenario library")
     scenario_commands = scenarios.add_subparsers(dest="scenario_command", required=True)

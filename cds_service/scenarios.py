@@ -118,6 +118,7 @@ NON_REBREATHER = ("oxygen-device-high-flow", "427591007", "Non-rebreather mask")
 BIPAP_MASK = ("oxygen-device-positive-pressure", "706226000", "BiPAP via full face mask")
 VENTILATOR = ("oxygen-device-positive-pressure", "449071006", "Mechanical ventilator (ETT)")
 ROOM_AIR = (None, None, "Room air")  # the room-air ValueSet matches by name only
+CPAP = ("oxygen-device-positive-pressure", "47545007", "CPAP (home machine)")
 
 
 # ---- The chart builder -----------------------------------------------------------------------------------
@@ -200,6 +201,11 @@ class Chart:
                           self._at(hours_ago),
                           component=[component(_vs_coding("systolic-blood-pressure", "8480-6"), systolic),
                                      component({"system": system, "code": code, "display": display}, diastolic)])
+
+    def mean_bp(self, mmhg: int, hours_ago: float) -> None:
+        """A documented mean arterial pressure (LOINC 8478-0), as a monitor charts it."""
+        self._observation("map", "vital-signs", self._loinc("mean-arterial-pressure", "8478-0", "MAP"),
+                          self._at(hours_ago), valueQuantity=_quantity(mmhg, "mmHg", "mm[Hg]"))
 
     def o2_device(self, device: tuple, hours_ago: float) -> None:
         """Method of oxygen delivery (LOINC 107117-4) with a SNOMED device from the ValueSets."""
@@ -700,6 +706,54 @@ def _icans4_intubated(now: datetime) -> list[dict]:
     return c.resources
 
 
+def _home_cpap(now: datetime) -> list[dict]:
+    c = Chart("home-cpap-sleep-apnea", now, "Novak", "Pavel", "male", 63)
+    c.weight(104, days_ago=1)
+    for nights_ago in (6, 5, 4):  # obstructive sleep apnea: CPAP every night before admission
+        c.o2_device(CPAP, hours_ago=24 * (nights_ago + 3))
+    c.iec(YESCARTA, days_ago=3)
+    c.temp(38.4, hours_ago=2)
+    c.o2_device(CPAP, hours_ago=5)  # his own machine overnight
+    c.spo2(95, hours_ago=1)
+    c.bp(128, 76, hours_ago=1)
+    c.ice(10, hours_ago=1)
+    return c.resources
+
+
+def _crs2_map(now: datetime) -> list[dict]:
+    c = Chart("crs2-documented-map", now, "Okafor", "Ngozi", "female", 58)
+    c.weight(71, days_ago=1)
+    c.iec(BREYANZI, days_ago=4)
+    c.temp(38.7, hours_ago=2)
+    c.bp(96, 44, hours_ago=2)  # systolic above 90 ...
+    c.mean_bp(61, hours_ago=2)  # ... but the arterial line's documented MAP is below 65
+    c.o2_device(ROOM_AIR, hours_ago=2)
+    c.ice(10, hours_ago=1)
+    return c.resources
+
+
+def _infant_icans3(now: datetime) -> list[dict]:
+    c = Chart("infant-icans3-weight-based", now, "Lindqvist", "Elsa", "female", 1)
+    c.weight(9, days_ago=1)
+    c.iec(KYMRIAH, days_ago=5)
+    c.temp(38.3, hours_ago=2)
+    c.bp(92, 55, hours_ago=2)
+    c.capd(11, hours_ago=1)
+    return c.resources
+
+
+def _crs3_toci_5h(now: datetime) -> list[dict]:
+    c = Chart("crs3-tocilizumab-5h-ago", now, "Rossi", "Giulia", "female", 57)
+    c.weight(66, days_ago=2)
+    c.iec(CARVYKTI, days_ago=6)
+    c.temp(39.3, hours_ago=7)
+    c.give(TOCILIZUMAB, hours_ago=5, dose_mg=530)  # the first dose of the episode
+    c.give(DEXAMETHASONE, hours_ago=5, dose_mg=10)
+    c.o2_device(NON_REBREATHER, hours_ago=1)
+    c.ice(10, hours_ago=1)
+    return c.resources
+
+
 SCENARIOS: list[Scenario] = [
     # ---- out of scope ----
     Scenario("no-iec-therapy", "Septic shock, no IEC therapy",
@@ -810,8 +864,9 @@ SCENARIOS: list[Scenario] = [
              "Prophylactic dexamethasone after axi-cel before any fever, now SBP 84 without fever: no CRS grade "
              "(prophylaxis is not a waiver) but a warning to evaluate possible masked CRS.",
              0, 0, _possible_masked_crs,
-             expected_topics=_topics("possible-masked-crs", "antifungal-prophylaxis"),
-             absent_topics=_topics("tocilizumab", "fever-masked", "infection-workup", "crs-management")),
+             expected_topics=_topics("possible-masked-crs"),
+             absent_topics=_topics("tocilizumab", "fever-masked", "infection-workup", "crs-management",
+                                   "antifungal-prophylaxis")),  # prophylaxis: not a steroid for CRS/ICANS
     # ---- ICANS ----
     Scenario("icans1-ice8", "ICE 8, afebrile",
              "ICE 8 and awakens spontaneously on day 5 after tisa-cel, afebrile for 40 h: ICANS 1, no steroids.",
@@ -841,6 +896,25 @@ SCENARIOS: list[Scenario] = [
              "positive pressure (CRS 4, flagged as possible airway protection).",
              4, 4, _icans4_intubated,
              expected_topics=_topics("tocilizumab", "corticosteroid", "icans-management")),
+    # ---- decisions.md revision 2 ----
+    Scenario("home-cpap-sleep-apnea", "Febrile on his home CPAP",
+             "CPAP every night before axi-cel (sleep apnea), now febrile on the same CPAP overnight: the home "
+             "device is not counted toward grade 4 (CRS 1), and the card says so.",
+             1, 0, _home_cpap, expected_topics=_topics("crs-management", "infection-workup"),
+             absent_topics=_topics("tocilizumab", "corticosteroid")),
+    Scenario("crs2-documented-map", "Documented MAP 61 with SBP 96",
+             "Fever with a documented mean arterial pressure of 61 mmHg (SBP 96): hypotension over 10 years, CRS 2.",
+             2, 0, _crs2_map, expected_topics=_topics("tocilizumab", "tocilizumab-delay")),
+    Scenario("infant-icans3-weight-based", "1-year-old, 9 kg, CAPD 11",
+             "Febrile infant after tisagenlecleucel with CAPD 11 (ICANS 3, CRS 1): dexamethasone by weight "
+             "(0.5 mg/kg), levetiracetam 10 mg/kg, no tocilizumab.",
+             1, 3, _infant_icans3, expected_topics=_topics("concurrent-icans", "corticosteroid", "icans-management"),
+             absent_topics=_topics("tocilizumab")),
+    Scenario("crs3-tocilizumab-5h-ago", "Tocilizumab 5 hours ago, now on a non-rebreather",
+             "The first tocilizumab dose 5 h ago and dexamethasone: the next dose is possible from 8 h after it "
+             "if no improvement; not refractory CRS.",
+             3, 0, _crs3_toci_5h, expected_topics=_topics("tocilizumab", "corticosteroid", "antifungal-prophylaxis"),
+             absent_topics=_topics("refractory-crs", "tocilizumab-delay")),
 ]
 
 _BY_NAME = {s.name: s for s in SCENARIOS}

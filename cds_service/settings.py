@@ -44,9 +44,10 @@ class Settings:
     # Clinical content
     protocol_file: str | None = None          # site protocol overriding the default protocol
     terminology_dirs: list[str] = field(default_factory=list)  # extra ValueSet folders (local codes)
-    time_zone: str = "UTC"                     # IANA name: times without a zone are read in it
+    time_zone: str = "UTC"                     # IANA name: times without a zone are read in it; cards show it
     ehr: str = "generic"                       # the EHR kind: generic, epic or oracle-health (template dialect)
     profiles: dict[str, Any] = field(default_factory=dict)  # per-client sites, by iss (and tenant)
+    quiet_when_normal: bool = True             # no card for an in-scope patient with no CRS, no ICANS, no pitfall
     # FHIR access
     fhir_timeout_seconds: float = 1.5          # per HTTP request to a FHIR server
     fhir_budget_seconds: float = 2.0           # all FHIR fetching for one hook call

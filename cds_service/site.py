@@ -57,12 +57,17 @@ class Sites:
             return self.default
         return self.by_client.get((iss, tenant)) or self.by_client.get((iss, None)) or self.default
 
+    def named(self, name: str) -> Site | None:
+        return next((s for s in (self.default, *self.by_client.values()) if s.name == name), None)
+
     @classmethod
     def from_settings(cls, settings: Settings) -> "Sites":
         default = Site.from_settings(settings)
         by_client: dict[tuple[str, str | None], Site] = {}
         for name, profile in settings.profiles.items():
             where = f"setting profiles.{name}"
+            if name == "default":
+                raise SettingsError(f"{where}: 'default' names the deployment's own settings; choose another name")
             if not isinstance(profile, dict) or not isinstance(profile.get("iss"), str):
                 raise SettingsError(f"{where}: must be an object with the client's iss")
             unknown = sorted(set(profile) - PROFILE_FIELDS)

@@ -280,7 +280,8 @@ def serve_app_module():
 @pytest.fixture
 def summary_fetched_by_the_service(serve_app, tmp_path, fhir_server):
     """Factory: ``summary(patient_id, terminology_dirs)``, the main card's summary of a patient-view
-    call with no prefetch, the service fetching everything from sekmet with those site ValueSets."""
+    call with no prefetch, the service fetching everything from sekmet with those site ValueSets
+    (a card even when nothing is wrong)."""
     import uuid
 
     from cds_service.app import create_app
@@ -289,7 +290,7 @@ def summary_fetched_by_the_service(serve_app, tmp_path, fhir_server):
     def summary(patient: str, terminology_dirs: list[str]) -> str:
         service = serve_app(create_app(Settings(feedback_db=str(tmp_path / "feedback.sqlite3"), auth_enabled=False,
                                                 terminology_dirs=terminology_dirs, fhir_budget_seconds=10,
-                                                fhir_timeout_seconds=10)))
+                                                fhir_timeout_seconds=10, quiet_when_normal=False)))
         answer = service.post("/cds-services/crs-icans-assessment", {
             "hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": fhir_server.base_url,
             "context": {"patientId": patient, "userId": "Practitioner/1"}})

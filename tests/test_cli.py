@@ -147,6 +147,20 @@ def test_feedback_report_command(tmp_path):
     assert run("feedback-report", "--db", str(tmp_path / "missing.sqlite3")).returncode == 2
 
 
+def test_grade_stops_on_a_site_protocol_with_an_unknown_key(scenario_dir, tmp_path):
+    site = tmp_path / "site.json"
+    site.write_text(json.dumps({"tocilizumab": {"max_dose": 600}}))
+    result = run("grade", str(scenario_dir / "crs3-norepi-vaso.json"), "--now", NOW, "--protocol", str(site))
+    assert result.returncode != 0 and result.stdout == ""
+    assert "unknown key 'tocilizumab.max_dose'" in result.stderr and str(site) in result.stderr
+
+
+def test_protocol_show_markdown_prints_the_document():
+    result = run("protocol", "show", "--markdown")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("# crs-cds default protocol") and "`tocilizumab.max_doses_per_24h`: 3" in result.stdout
+
+
 # ---- The CLI reads as the service does ------------------------------------------------------------
 
 def _chart_resources(name: str) -> list[dict]:

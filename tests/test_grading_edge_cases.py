@@ -271,14 +271,34 @@ def test_18_positive_pressure_with_icans_3_counts_but_is_flagged():
     assert "airway-protection" in flag_codes(assessment.crs)
 
 
-def test_19_positive_pressure_already_before_the_therapy_is_flagged():
+def test_19_home_cpap_before_the_therapy_is_not_counted_after_it():
+    """decisions.md 3 (rev. 2): CPAP in the 7 days before the first IEC dose is the baseline."""
     chart = car_t_chart(days_since_infusion=3)
     chart.o2_device(CPAP, hours_ago=24 * 5)
     chart.temp(38.5, hours_ago=1)
     chart.o2_device(CPAP, hours_ago=1)
     crs = graded(chart).crs
-    assert crs.value == 4
-    assert "positive-pressure-before-therapy" in flag_codes(crs)
+    assert crs.value == 1
+    [flag] = [f for f in crs.flags if f.code == "home-positive-pressure"]
+    assert flag.text == ("CPAP also charted before the therapy (home CPAP?): not counted; if it is now for hypoxia, "
+                         "this is grade 4.")
+
+
+def test_19_home_cpap_then_intubation_counts():
+    chart = car_t_chart(days_since_infusion=3)
+    chart.o2_device(CPAP, hours_ago=24 * 5)
+    chart.temp(38.5, hours_ago=1)
+    chart.o2_device(VENTILATOR, hours_ago=1)
+    crs = graded(chart).crs
+    assert crs.value == 4 and "home-positive-pressure" not in flag_codes(crs)
+
+
+def test_19_cpap_more_than_7_days_before_the_therapy_is_not_home_cpap():
+    chart = car_t_chart(days_since_infusion=3)
+    chart.o2_device(CPAP, hours_ago=24 * 11)
+    chart.temp(38.5, hours_ago=1)
+    chart.o2_device(CPAP, hours_ago=1)
+    assert graded(chart).crs.value == 4
 
 
 def test_20_prophylaxis_before_any_fever_is_not_a_waiver():

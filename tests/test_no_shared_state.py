@@ -135,7 +135,7 @@ def outcome(answer) -> dict:
     grades = {}
     for syndrome in ("CRS", "ICANS"):
         found = re.search(rf"\b{syndrome} grade (at least )?(\d)", summary)
-        grades[syndrome] = (int(found[2]), bool(found[1])) if found else (0 if f"No {syndrome}" in summary else None,
+        grades[syndrome] = (int(found[2]), bool(found[1])) if found else (0 if re.search(rf"\b[Nn]o {syndrome}\b", summary) else None,
                                                                          False)
     return {"crs": grades["CRS"], "icans": grades["ICANS"], "summary": summary,
             "cardTypes": sorted(c["source"].get("topic", {}).get("code", "") for c in cards)}
@@ -155,7 +155,7 @@ def make_service(serve_app, tmp_path):
     def make():
         return serve_app(create_app(Settings(feedback_db=str(tmp_path / f"fb-{uuid.uuid4().hex}.sqlite3"),
                                              trusted_issuers=TRUSTED, fhir_budget_seconds=5,
-                                             fhir_timeout_seconds=4)))
+                                             fhir_timeout_seconds=4, quiet_when_normal=False)))
     return make
 
 

@@ -112,7 +112,7 @@ def test_every_route_of_the_app_is_documented(service, served):
     for rule in service.app.url_map.iter_rules():
         if rule.endpoint == "static":
             continue
-        path = rule.rule.replace("<service_id>", "{id}")
+        path = rule.rule.replace("<service_id>", "{id}").replace("<site_name>", "{site_name}")
         routes |= {(path, method) for method in rule.methods - {"HEAD", "OPTIONS"}}
     assert routes == documented
 

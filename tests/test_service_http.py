@@ -144,11 +144,19 @@ def test_scenario_cards_agree_with_and_without_prefetch(service, loaded_fhir, sc
     if scenario.expected_crs is None and scenario.expected_icans is None:
         assert cards == []
         return
+    if scenario.expected_crs in (0, None) and scenario.expected_icans == 0 and not scenario.expected_topics:
+        assert cards == [], "quiet when normal"
+        return
     summary = cards[0]["summary"]
-    if scenario.expected_crs is not None:
+    assert "grade 0" not in summary, summary
+    if scenario.expected_crs:
         assert summary.startswith(f"CRS grade {scenario.expected_crs}"), summary
-    if scenario.expected_icans is not None:
+    elif scenario.expected_crs == 0:
+        assert summary.startswith("No CRS"), summary
+    if scenario.expected_icans:
         assert f"ICANS grade {scenario.expected_icans}" in summary, summary
+    elif scenario.expected_icans == 0:
+        assert "no ICANS" in summary, summary
     topics = {c["source"]["topic"]["code"] for c in cards}
     assert "crsIcansAssessment" in topics
 
@@ -184,8 +192,9 @@ def test_grade_observation_suggestions_use_the_project_profiles(service, now):
 
     [main, *_] = cards_for(service, "crs2-hypotension-fluids", now)
     observations = [a["resource"] for a in actions(main) if a["resource"]["resourceType"] == "Observation"]
-    assert {o["meta"]["profile"][0].rsplit("/", 1)[-1] for o in observations} == {
-        "crs-grade-observation", "icans-grade-observation"}
+    # CRS grade 2 is recordable; "no ICANS" is never offered as "record ICANS grade 0" (decisions.md 8).
+    assert {o["meta"]["profile"][0].rsplit("/", 1)[-1] for o in observations} == {"crs-grade-observation"}
+    assert not any("grade 0" in s["label"] for s in main["suggestions"])
     for observation in observations:
         Observation.model_validate(observation)
     assert next(o for o in observations if o["code"]["coding"][0]["code"] == "crs-grade")["valueInteger"] == 2
@@ -215,7 +224,8 @@ def test_no_tocilizumab_suggestion_in_concurrent_icans_and_the_card_says_why(ser
 def test_dose_limit_reached_gives_no_tocilizumab_order(service, now):
     cards = cards_for(service, "crs3-refractory-four-doses", now)
     main = cards[0]
-    assert "Dose limit reached" in main["detail"]
+    assert "No more tocilizumab: limit reached (4 doses this episode, maximum 4)" in main["detail"]
+    assert "Tocilizumab now" not in main["detail"] and "give tocilizumab" not in main["summary"]
     assert not any(a["resource"].get("medicationCodeableConcept", {}).get("text") == "tocilizumab"
                    for a in actions(main))
     assert any(c["source"]["topic"]["code"] == "refractoryCrs" for c in cards)
@@ -250,7 +260,7 @@ def test_out_of_scope_is_told_from_the_medications_key_alone(service, now, local
 
     in_scope = _medications_only(hook_request(by_name("crs2-hypotension-fluids"), now), fhir.base_url)
     assert service.post("/cds-services/crs-icans-assessment", in_scope).status_code == 200
-    assert sorted(r.path.split("?")[0] for r in fhir.requests) == ["/fhir/Observation"] * 4 + ["/fhir/Patient/"
+    assert sorted(r.path.split("?")[0] for r in fhir.requests) == ["/fhir/Observation"] * 5 + ["/fhir/Patient/"
                                                                   + in_scope["context"]["patientId"]]
 
 
@@ -301,7 +311,7 @@ def test_order_sign_gm_csf_warning_with_delete_and_filgrastim(service, now):
     [card] = answer.json()["cards"]
     assert card["indicator"] == "warning" and card["source"]["topic"]["code"] == "gmCsfAfterIec"
     [remove, instead] = actions(card)
-    assert remove == {"type": "delete", "description": "Remove MedicationRequest/request-123",
+    assert remove == {"type": "delete", "description": "Remove the sargramostim order",
                       "resourceId": "MedicationRequest/request-123"}
     assert instead["type"] == "create"
     assert instead["resource"]["medicationCodeableConcept"]["coding"][0]["code"] == "68442"
@@ -520,3 +530,222 @@ def test_cors_headers_go_to_allowed_origins_only_and_on_errors_too(serve_app, tm
         plain = service.post("/cds-services/crs-icans-assessment", call, headers=headers)
         assert plain.status_code == 200
         assert not any(name.lower().startswith("access-control-") for name in plain.headers)
+
+
+# ---- The advice of decisions.md revision 2, through HTTP ------------------------------------------------
+
+from cds_service.scenarios import (  # noqa: E402
+    DEXAMETHASONE, NOREPINEPHRINE, TOCILIZUMAB, YESCARTA, Chart, Drug, Scenario,
+)
+
+KYMRIAH_HTTP = Drug("Kymriah (tisagenlecleucel)")
+
+
+def custom(name: str, build) -> Scenario:
+    return Scenario(name, name, name, None, None, build)
+
+
+def cards_of(service, scenario: Scenario, now: datetime) -> list[dict]:
+    answer = service.post("/cds-services/crs-icans-assessment", hook_request(scenario, now))
+    assert answer.status_code == 200, answer.text
+    assert_conformant(answer.json())
+    return answer.json()["cards"]
+
+
+def _adult_crs3(name: str, now: datetime) -> Chart:
+    c = Chart(name, now, "Test", "Pat", "female", 55)
+    c.iec(YESCARTA, days_ago=3)
+    c.weight(70, days_ago=2)
+    c.temp(39.0, hours_ago=1)
+    c.infusion(NOREPINEPHRINE, started_hours_ago=2, rate=(0.1, "ug/kg/min"))
+    c.ice(10, hours_ago=1)
+    return c
+
+
+def test_http_tocilizumab_5_hours_ago_is_timing_not_refractory(service, now):
+    def build(at):
+        c = _adult_crs3("http-toci-5h", at)
+        c.give(TOCILIZUMAB, hours_ago=5, dose_mg=560)
+        return c.resources
+    cards = cards_of(service, custom("http-toci-5h", build), now)
+    text = json.dumps(cards)
+    assert "next dose possible from" in cards[0]["detail"] and "if no improvement" in cards[0]["detail"]
+    assert "Refractory" not in text and "refractoryCrs" not in text and "Tocilizumab now" not in text
+    assert not any(a["resource"].get("medicationCodeableConcept", {}).get("text") == "tocilizumab"
+                   for c in cards for a in actions(c) if "resource" in a)
+
+
+def test_http_an_8_kg_infant_gets_a_weight_based_dexamethasone_order(service, now):
+    def build(at):
+        c = Chart("http-infant", at, "Test", "Baby", "female", 0)
+        c.iec(KYMRIAH_HTTP, days_ago=3)
+        c.weight(8, days_ago=1)
+        c.capd(10, hours_ago=1)
+        return c.resources
+    [main, *_] = cards_of(service, custom("http-infant", build), now)
+    steroid = next(a["resource"] for a in actions(main)
+                   if a["resource"].get("medicationCodeableConcept", {}).get("text") == "dexamethasone")
+    assert steroid["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]["value"] == 4
+    assert "pediatric weight-based dose: confirm with your pediatric protocol" in main["detail"]
+    assert "dexamethasone 10 mg" not in main["detail"]
+
+
+def test_http_status_epilepticus_care_and_no_ventilation_advice_when_intubated(service, now):
+    [main, *_] = cards_for(service, "icans4-intubated-seizure", now)
+    assert "status epilepticus: benzodiazepine, then levetiracetam load per institutional protocol" in main["detail"]
+    assert "levetiracetam 500-750 mg BID" in main["detail"] and "EEG" in main["detail"]
+    assert "mechanical ventilation" not in main["detail"]
+
+
+def test_http_crs_4_methylprednisolone_order_is_bounded_to_3_days(service, now):
+    [main, *_] = cards_for(service, "crs4-norepi-phenylephrine", now)
+    order = next(a["resource"] for a in actions(main)
+                 if a["resource"].get("medicationCodeableConcept", {}).get("text") == "methylprednisolone")
+    assert order["dosageInstruction"][0]["timing"]["repeat"]["boundsDuration"]["value"] == 3
+    assert "Then 250 mg q12h x 2 days" in main["detail"]
+    label = next(s["label"] for s in main["suggestions"] if "methylprednisolone" in s["label"])
+    assert label == "Order: methylprednisolone 500 mg IV q12h x 3 days"
+
+
+def test_http_home_cpap_is_not_grade_4(service, now):
+    cpap = ("oxygen-device-positive-pressure", "47545007", "CPAP")
+
+    def build(at):
+        c = Chart("http-home-cpap", at, "Test", "Pat", "male", 62)
+        c.o2_device(cpap, hours_ago=24 * 5)
+        c.iec(YESCARTA, days_ago=3)
+        c.weight(90, days_ago=1)
+        c.temp(38.4, hours_ago=1)
+        c.o2_device(cpap, hours_ago=1)
+        c.ice(10, hours_ago=1)
+        return c.resources
+    [main, *_] = cards_of(service, custom("http-home-cpap", build), now)
+    assert main["summary"].startswith("CRS grade 1"), main["summary"]
+    assert ("CPAP also charted before the therapy (home CPAP?): not counted; if it is now for hypoxia, this is "
+            "grade 4.") in main["detail"]
+
+
+def test_http_documented_map_below_65_is_read_from_the_blood_pressure_key(service, now):
+    def build(at):
+        c = Chart("http-map", at, "Test", "Pat", "male", 62)
+        c.iec(YESCARTA, days_ago=3)
+        c.weight(90, days_ago=1)
+        c.temp(38.4, hours_ago=1)
+        c.mean_bp(58, hours_ago=1)
+        c.ice(10, hours_ago=1)
+        return c.resources
+    request = hook_request(custom("http-map", build), now)
+    assert any(e["resource"]["code"]["coding"][0]["code"] == "8478-0"
+               for e in request["prefetch"]["bloodPressures"]["entry"])
+    answer = service.post("/cds-services/crs-icans-assessment", request)
+    assert answer.json()["cards"][0]["summary"].startswith("CRS grade 2"), answer.text
+    assert "MAP 58 mmHg at" in answer.json()["cards"][0]["detail"]
+
+
+def test_http_no_duplicate_dexamethasone_order(service, now):
+    def build(at):
+        c = Chart("http-on-dex", at, "Test", "Pat", "male", 62)
+        c.iec(YESCARTA, days_ago=3)
+        c.weight(90, days_ago=1)
+        c.ice(5, hours_ago=3)
+        c.give(DEXAMETHASONE, hours_ago=2, dose_mg=10)
+        return c.resources
+    [main, *_] = cards_of(service, custom("http-on-dex", build), now)
+    assert "Continue dexamethasone 10 mg IV every 6 h" in main["detail"]
+    assert not any("dexamethasone" in s["label"] for s in main.get("suggestions", []))
+
+
+def test_http_no_concurrent_icans_card_without_a_crs_grade(service, now):
+    cards = cards_for(service, "day45-icans-only", now)
+    assert [c["source"]["topic"]["code"] for c in cards] == ["crsIcansAssessment"]
+
+
+def test_http_quiet_when_normal(service, now):
+    assert cards_for(service, "crs0-afebrile-day2", now) == []
+
+
+def test_http_a_fifth_tocilizumab_order_offers_removal_not_a_dose(service, now):
+    body = order_request("order-sign", "crs3-refractory-four-doses", now,
+                         [sandbox_style_order("toci-5", "Actemra (tocilizumab) IV", 640)])
+    answer = service.post("/cds-services/crs-order-safety-sign", body)
+    assert answer.status_code == 200, answer.text
+    [card] = answer.json()["cards"]
+    assert [s["label"] for s in card["suggestions"]] == ["Remove the tocilizumab 640 mg order"]
+    assert "anakinra" in card["detail"] and "Computed dose" not in card["detail"]
+
+
+def test_http_the_protocol_document_is_served_and_linked(service, now):
+    [main, *_] = cards_for(service, "crs3-norepi-vaso", now)
+    link = next(link["url"] for link in main["links"] if link["url"].endswith("/protocol"))
+    document = requests.get(link, timeout=10)
+    assert document.status_code == 200 and document.headers["Content-Type"].startswith("text/markdown")
+    assert document.text.startswith("# crs-cds default protocol")
+    assert "seed" not in json.dumps(main)
+
+
+@pytest.fixture(scope="module")
+def berlin_service(tmp_path_factory, serve_app_module):
+    folder = tmp_path_factory.mktemp("svc-berlin")
+    return serve_app_module(create_app(Settings(feedback_db=str(folder / "feedback.sqlite3"), auth_enabled=False,
+                                                time_zone="Europe/Berlin", quiet_when_normal=False)))
+
+
+def test_http_times_in_the_site_time_zone_and_quiet_when_normal_off(berlin_service, now):
+    [main, *_] = cards_for(berlin_service, "crs3-norepi-vaso", now)
+    assert "UTC" not in main["detail"] and re.search(r"\d\d:\d\d CES?T", main["detail"])
+    [normal] = cards_for(berlin_service, "crs0-afebrile-day2", now)
+    assert normal["summary"] == "No CRS, no ICANS"
+
+
+def test_an_unknown_time_zone_stops_start_up(tmp_path):
+    from cds_service.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="time_zone"):
+        create_app(Settings(feedback_db=str(tmp_path / "f.sqlite3"), auth_enabled=False, time_zone="Mars/Olympus"))
+
+
+def _scheduled_car_t(name: str):
+    def build(at):
+        c = Chart(name, at, "Test", "Pat", "female", 48)
+        c.weight(64, days_ago=1)
+        c.resources.append({"resourceType": "MedicationRequest", "id": f"{name}-cart", "status": "active",
+                            "intent": "order", "subject": {"reference": f"Patient/{name}"},
+                            "medicationCodeableConcept": {"text": "Kymriah (tisagenlecleucel) suspension for IV infusion"},
+                            "authoredOn": at.date().isoformat()})
+        return c.resources
+    return custom(name, build)
+
+
+def _steroid_order_sign(scenario, now) -> dict:
+    body = hook_request(scenario, now, "crs-order-safety-sign")
+    body["context"]["draftOrders"] = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": sandbox_style_order("dex-premed", "dexamethasone 10 mg IV", 10)}]}
+    return body
+
+
+def test_http_order_sign_reads_the_patients_medication_requests_for_a_scheduled_car_t(service, now):
+    body = _steroid_order_sign(_scheduled_car_t("http-cart-scheduled"), now)
+    assert body["prefetch"]["medicationRequests"]["entry"], "the prefetch key holds the CAR-T order"
+    answer = service.post("/cds-services/crs-order-safety-sign", body)
+    assert answer.status_code == 200, answer.text
+    [card] = answer.json()["cards"]
+    assert card["source"]["topic"]["code"] == "steroidPremedication", card
+    assert "a CAR-T product is ordered" in card["detail"]
+
+
+def test_http_order_sign_fetches_medication_requests_when_not_prefetched(service, loaded_fhir, now):
+    scenario = _scheduled_car_t("http-cart-fetched")
+    loaded_fhir.load(scenario.bundle(now))
+    body = _steroid_order_sign(scenario, now)
+    del body["prefetch"]["medicationRequests"]
+    body["fhirServer"] = loaded_fhir.base_url
+    answer = service.post("/cds-services/crs-order-safety-sign", body)
+    assert answer.status_code == 200, answer.text
+    assert [c["source"]["topic"]["code"] for c in answer.json()["cards"]] == ["steroidPremedication"]
+
+
+def test_discovery_declares_the_medication_requests_key_for_the_order_hooks(service):
+    services = {s["id"]: s for s in service.get("/cds-services").json()["services"]}
+    assert services["crs-order-safety-sign"]["prefetch"]["medicationRequests"].startswith(
+        "MedicationRequest?patient={{context.patientId}}")
+    assert "medicationRequests" not in services["crs-icans-assessment"]["prefetch"]

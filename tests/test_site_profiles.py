@@ -52,9 +52,11 @@ def test_the_install_sheet_prints_templates_and_scopes():
     assert result.returncode == 0, result.stderr
     sheet = json.loads(result.stdout)
     assert sheet["ehr"] == "epic"
-    assert sheet["services"][0]["prefetch"] == prefetch_templates(load_terminology(), "epic")
+    epic = prefetch_templates(load_terminology(), "epic")
+    for service in sheet["services"]:
+        assert service["prefetch"] == {key: epic[key] for key in service["prefetch"]} and service["prefetch"]
     assert sheet["scopes"] == ["patient/Medication.read", "patient/MedicationAdministration.read",
-                               "patient/Observation.read", "patient/Patient.read"]
+                               "patient/MedicationRequest.read", "patient/Observation.read", "patient/Patient.read"]
 
 
 # ---- Choosing the site ----------------------------------------------------------------------------
@@ -72,7 +74,7 @@ def _settings(tmp_path: Path) -> Settings:
         return {**ECAlgorithm.to_jwk(KEYS[iss].public_key(), as_dict=True), "kid": "k1", "alg": "ES384"}
 
     return Settings(
-        feedback_db=str(tmp_path / "feedback.sqlite3"),
+        feedback_db=str(tmp_path / "feedback.sqlite3"), quiet_when_normal=False,
         trusted_issuers={HOSPITAL_A: {"jwks": {"keys": [jwk(HOSPITAL_A)]}},
                          HOSPITAL_B: {"jwks": {"keys": [jwk(HOSPITAL_B)]}},
                          CLOUD: {"jwks": {"keys": [jwk(CLOUD)]}, "tenants": ["north", "south"]}},
@@ -138,5 +140,5 @@ def test_the_same_chart_is_read_with_each_client_s_own_codes(tmp_path, serve_app
         summaries[(iss, tenant)] = answer.json()["cards"][0]["summary"]
     assert summaries[(HOSPITAL_A, None)].startswith("CRS grade 1")
     assert summaries[(CLOUD, "north")].startswith("CRS grade 1")
-    assert summaries[(HOSPITAL_B, None)].startswith("CRS grade 0")
-    assert summaries[(CLOUD, "south")].startswith("CRS grade 0")
+    assert summaries[(HOSPITAL_B, None)].startswith("No CRS")
+    assert summaries[(CLOUD, "south")].startswith("No CRS")

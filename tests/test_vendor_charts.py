@@ -273,7 +273,7 @@ def grades_from_cards(status: int, body: dict | None) -> dict:
         if found:
             out[syndrome.lower()] = int(found[2])
             out[f"{syndrome.lower()}AtLeast"] = bool(found[1])
-        elif re.search(rf"\bNo {syndrome}\b", main["summary"]):
+        elif re.search(rf"\b[Nn]o {syndrome}\b", main["summary"]):
             out[syndrome.lower()] = 0
     out["missing"] = re.findall(r"Some data could not be read, so the grade may be higher: (.*)", main.get("detail", ""))
     return out
@@ -287,7 +287,18 @@ def grades_from_cli(result: subprocess.CompletedProcess) -> dict:
     return {"status": 200, "crs": data["crs"]["grade"], "icans": data["icans"]["grade"],
             "crsAtLeast": data["crs"]["atLeast"], "icansAtLeast": data["icans"]["atLeast"],
             "text": json.dumps(data, ensure_ascii=False),
-            "missing": ["; ".join(g.get("missing", [])[:5]) for g in (data["crs"], data["icans"]) if g["atLeast"]]}
+            "missing": _missing_once(data)}
+
+
+def _missing_once(data: dict) -> list[str]:
+    """The unread sources as the card names them: once for both grades, every whole source first."""
+    missing: list[str] = []
+    for grade in (data["crs"], data["icans"]):
+        if grade["atLeast"]:
+            missing += [m for m in grade.get("missing", []) if m not in missing]
+    sources = [m for m in missing if m.startswith("prefetch:")]
+    shown = sources + [m for m in missing if m not in sources][:max(0, 5 - len(sources))]
+    return ["; ".join(shown)] if missing else []
 
 
 def run_cli(path: Path, now: str) -> subprocess.CompletedProcess:
@@ -372,7 +383,7 @@ def service(tmp_path_factory, serve_app_module):
     folder = tmp_path_factory.mktemp("vendor-svc")
     return serve_app_module(create_app(Settings(feedback_db=str(folder / "feedback.sqlite3"),
                                                 fhir_budget_seconds=10, fhir_timeout_seconds=8,
-                                                auth_enabled=False)))
+                                                auth_enabled=False, quiet_when_normal=False)))  # grades shown
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from ..terminology import Terminology, load_terminology
 from .crs import grade_crs
 from .facts import extract_facts
 from .icans import grade_icans
-from .model import Assessment, Facts, Flag, Grade, Unreadable
+from .model import Assessment, Facts, Flag, Grade, Unreadable, clock
 from .protocol import Protocol, default_protocol
 from .recommend import recommend
 from .scope import Situation, age_on, find_episode, observation_horizon
@@ -27,7 +27,7 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
     OperationOutcome in a prefetch key): grades become "at least N" and name them.
     ``zone``: the site's time zone, in which times written without one are read (and flagged).
     ``grade=False`` only tells whether, and since when, the patient is in scope (no Observation is
-    read; both grades are None), for callers that need no more.
+    read; both grades are None), for callers that need no more. The cards give times in ``zone``.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -48,15 +48,14 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
                           _not_graded("ICANS", reason), facts.patient_id, unreadable=facts.unreadable,
                           assessable=not medication_unread, reading=reading)
     latest = episode.latest
-    scope_reason = (f"{latest.agent} {latest.start:%Y-%m-%d %H:%M} UTC, "
-                    f"day {(now - episode.start).days} of the episode")
+    scope_reason = f"{latest.agent} {clock(latest.start, zone, now)} (day {(now - episode.start).days})"
     if not grade:
         reason = "not graded: no check needed the grades"
         return Assessment(now, protocol.label, True, scope_reason, _not_graded("CRS", reason),
                           _not_graded("ICANS", reason), facts.patient_id, latest.evidence(f"{latest.agent} given"),
                           unreadable=facts.unreadable, iec_car_t="car-t-products" in latest.categories,
-                          reading=reading)
-    situation = Situation(facts, now, protocol, episode, age_on(facts.birth_date, now))
+                          reading=reading, tz=zone)
+    situation = Situation(facts, now, protocol, episode, age_on(facts.birth_date, now), zone)
     icans = grade_icans(situation) if episode.icans_in_scope else _not_graded("ICANS", "outside the ICANS window")
     if episode.crs_in_scope:
         crs = grade_crs(situation, icans.value)
@@ -71,7 +70,8 @@ def assess(resources: Iterable[Mapping], now: datetime, protocol: Protocol | Non
         graded.flags.append(zoneless_flag(facts, zone))
     return Assessment(now, protocol.label, True, scope_reason, crs, icans, facts.patient_id,
                       latest.evidence(f"{latest.agent} given"), recommend(situation, crs, icans), facts.unreadable,
-                      iec_car_t="car-t-products" in latest.categories, situation=situation, reading=reading)
+                      iec_car_t="car-t-products" in latest.categories, situation=situation, reading=reading,
+                      tz=zone)
 
 
 def out_of_scope_reason(administrations: Iterable[Mapping], now: datetime, protocol: Protocol,

@@ -6,6 +6,7 @@ or waived; grade 1 = fever with neither. Each rule below returns its tier with t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from .model import DrugEvent, Evidence, Flag, Grade, Reading
 from .scope import Situation
@@ -68,13 +69,13 @@ def prophylaxis_before_fever(s: Situation) -> list[DrugEvent]:
 def sbp_threshold(s: Situation) -> tuple[float, str, list[Flag]]:
     """When the patient is under 28 days old, then hypotension is SBP < 60 mmHg; 28 days to
     under 1 year, < 70 (PALS); 1-10 years, < 70 + 2 x age; over 10 years and adults, < 90.
-    Source: decisions.md 3 (age thresholds); seed 000."""
+    Source: decisions.md 3 (age thresholds); Mahadeo et al. 2019 (1-10 years); PALS (under 1 year)."""
     flags: list[Flag] = []
     if s.age is None:
         flags.append(Flag("age-unknown", "Age unknown (no birth date): the adult hypotension threshold "
                                          "(SBP < 90 mmHg) was used."))
         row = s.protocol["hypotension_sbp_thresholds"][-1]
-        return row["sbp_below_mmhg"], row["source"], flags
+        return row["sbp_below_mmhg"], s.protocol.cite(row["source"]), flags
     years, days = s.age
     for row in s.protocol["hypotension_sbp_thresholds"]:
         if "below_age_days" in row and days >= row["below_age_days"]:
@@ -85,7 +86,7 @@ def sbp_threshold(s: Situation) -> tuple[float, str, list[Flag]]:
         if years < 1:
             flags.append(Flag("infant-threshold", f"Under 1 year: hypotension threshold SBP < {threshold:g} mmHg "
                                                   "follows PALS (ASTCT gives none for infants)."))
-        return threshold, row["source"], flags
+        return threshold, s.protocol.cite(row["source"]), flags
     raise ValueError("protocol hypotension thresholds have no catch-all row")
 
 
@@ -108,16 +109,36 @@ def vasopressors_at_peak(s: Situation) -> tuple[int, list[DrugEvent]]:
     return best
 
 
+def _infusion_evidence(s: Situation, d: DrugEvent) -> Evidence:
+    """"norepinephrine running since 14:05", or for an infusion that has ended, "phenylephrine
+    stopped 12:00; started at 10:00": a stopped infusion is never said to be running."""
+    if d.end < s.now or d.status in ("completed", "stopped"):
+        return d.evidence(f"{d.agent} stopped {s.at(d.end)}; started" if d.end > d.start else d.agent)
+    return d.evidence(f"{d.agent} running", when="since")
+
+
+def low_map(s: Situation) -> list[Reading]:
+    """When a patient over 10 years (or of unknown age, read as an adult) has a documented mean
+    arterial pressure (LOINC 8478-0) below 65 mmHg in the window, then it counts as hypotension
+    like SBP < 90. A MAP is never computed from SBP and DBP.  Source: decisions.md 3 (rev. 2,
+    mean arterial pressure)."""
+    rules = s.protocol["mean_arterial_pressure"]
+    if s.age is not None and s.age[0] <= rules["over_age_years"]:
+        return []
+    return [r for r in s.readings("map", "hypotension") if r.value < rules["below_mmhg"]]
+
+
 def hypotension_tier(s: Situation) -> Tier:
     """When more than one vasopressor (excluding vasopressin) runs at once, then grade 4; when one
     vasopressor (with or without vasopressin) runs, grade 3; when SBP falls below the age
-    threshold without vasopressors, grade 2.  Source: ASTCT table; decisions.md 3."""
+    threshold (or, over 10 years, a documented MAP below 65 mmHg) without vasopressors, grade 2.
+    Source: ASTCT table; decisions.md 3."""
     count, agents = vasopressors_at_peak(s)
     flags = inotrope_flags(s)
     threshold, threshold_source, age_flags = sbp_threshold(s)
     flags += age_flags
     if count:
-        evidence = [d.evidence(f"{d.agent} running", when="since") for d in agents]
+        evidence = [_infusion_evidence(s, d) for d in agents]
         if count >= 2:
             return Tier(4, f"{count} vasopressors at once (vasopressin not counted)", evidence, flags)
         with_vasopressin = any("vasopressin" in d.categories for d in agents)
@@ -128,6 +149,12 @@ def hypotension_tier(s: Situation) -> Tier:
         lowest = min(low, key=lambda r: r.value)
         text = f"hypotension without vasopressors (SBP {lowest.value:g} < {threshold:g} mmHg, {threshold_source})"
         return Tier(2, text, [lowest.evidence()], flags)
+    maps = low_map(s)
+    if maps:
+        lowest = min(maps, key=lambda r: r.value)
+        limit = s.protocol["mean_arterial_pressure"]["below_mmhg"]
+        return Tier(2, f"hypotension without vasopressors (MAP {lowest.value:g} < {limit:g} mmHg)",
+                    [lowest.evidence()], flags)
     return Tier(0, "no hypotension", [], flags)
 
 
@@ -157,6 +184,7 @@ def oxygen_tier(s: Situation, icans_grade: int | None) -> Tier:
     over the device label; a flow with no device is graded by flow alone. Worst in the window: a
     later room-air reading does not erase an earlier tier.  Source: ASTCT; decisions.md 3."""
     devices = [d for d in s.readings("o2_device", "oxygen") if d.value > 0]
+    devices, home_flags = home_positive_pressure(s, devices)
     flows = s.readings("o2_flow", "oxygen")
     tolerance = s.protocol["oxygen"]["device_flow_pairing_minutes"] * 60
     explained: set[int] = set()
@@ -182,28 +210,66 @@ def oxygen_tier(s: Situation, icans_grade: int | None) -> Tier:
             candidates.append(Tier(_flow_tier(s, flow.value), f"oxygen at {flow.value:g} L/min (no device documented)",
                                    [flow.evidence()]))
     if not candidates:
-        return Tier(0, "no supplemental oxygen", [])
+        return Tier(0, "no supplemental oxygen", [], home_flags)
     worst = max(candidates, key=lambda t: t.grade)
-    flags = [f for t in candidates for f in t.flags]
+    flags = [f for t in candidates for f in t.flags] + home_flags
     if worst.grade == 4:
         flags += positive_pressure_flags(s, icans_grade)
     return Tier(worst.grade, worst.text, worst.evidence, flags)
 
 
+PRESSURE_KINDS = (("niv", ("non-invasive", "noninvasive", "niv", "nippv")),
+                  ("invasive", ("intubat", "ventilator", "mechanical ventilation", "endotracheal", "ett",
+                                "invasive", "artificial respiration")),
+                  ("bipap", ("bipap", "bi-pap", "bilevel", "bi-level", "dual pressure")),
+                  ("cpap", ("cpap", "continuous positive")))
+PRESSURE_RANK = {"cpap": 1, "bipap": 2, "niv": 2, "invasive": 3}
+
+
+def pressure_kind(device: Reading) -> str:
+    """Which kind of positive pressure a device reading names: cpap, bipap, niv or invasive."""
+    name = device.label.split(": ", 1)[-1].lower()
+    words = set(name.replace("(", " ").replace(")", " ").replace("/", " ").split())
+    for kind, needles in PRESSURE_KINDS:
+        if any((n in words) if len(n) <= 4 else (n in name) for n in needles):
+            return kind
+    return "niv"
+
+
+def home_positive_pressure(s: Situation, devices: list[Reading]) -> tuple[list[Reading], list[Flag]]:
+    """When CPAP or BiPAP was documented in the 7 days before the first IEC administration, then
+    that is the patient's baseline (sleep apnea): the same kind of device after the therapy does
+    not count toward grade 4, and the card says so; a different, higher kind (CPAP at home, now
+    BiPAP or intubation) counts.  Source: decisions.md 3 (rev. 2, home positive pressure);
+    reference.md edge case 19."""
+    since = s.episode.start - timedelta(days=s.protocol["home_positive_pressure_days_before"])
+    home = [d for d in s.facts.of_kind("o2_device")
+            if d.value == 4 and since <= d.end < s.episode.start and pressure_kind(d) in ("cpap", "bipap")]
+    if not home:
+        return devices, []
+    baseline = max(PRESSURE_RANK[pressure_kind(d)] for d in home)
+    kept, flags = [], []
+    for device in devices:
+        if device.value == 4 and device.start >= s.episode.start and PRESSURE_RANK[pressure_kind(device)] <= baseline:
+            name = "BiPAP" if pressure_kind(device) == "bipap" else "CPAP"
+            if not flags:
+                flags.append(Flag("home-positive-pressure",
+                                  f"{name} also charted before the therapy (home {name}?): not counted; "
+                                  "if it is now for hypoxia, this is grade 4.",
+                                  (device.evidence(), max(home, key=lambda d: d.end).evidence())))
+            continue
+        kept.append(device)
+    return kept, flags
+
+
 def positive_pressure_flags(s: Situation, icans_grade: int | None) -> list[Flag]:
     """When positive pressure counts while ICANS is grade >= 3, then it still grades CRS 4 (the
-    safer error) but the card flags that it may be airway protection; when positive pressure was
-    already documented before the IEC therapy, flag possible home CPAP/BiPAP.
-    Source: decisions.md 3; reference.md edge cases 18-19."""
+    safer error) but the card flags that it may be airway protection.
+    Source: decisions.md 3; reference.md edge case 18."""
     flags = []
     if icans_grade is not None and icans_grade >= 3:
-        flags.append(Flag("airway-protection", "Positive pressure while ICANS grade >= 3: it may be for airway "
-                                               "protection rather than hypoxia. Counted as CRS grade 4; review."))
-    before = [d for d in s.facts.of_kind("o2_device") if d.value == 4 and d.end < s.episode.start]
-    if before:
-        flags.append(Flag("positive-pressure-before-therapy",
-                          "Positive pressure was documented before the IEC therapy (home CPAP/BiPAP?). "
-                          "Counted; review whether it is for CRS hypoxia.", (before[-1].evidence(),)))
+        flags.append(Flag("airway-protection", "Positive pressure with ICANS grade >= 3 may be airway protection: "
+                                               "counted as CRS grade 4; review."))
     return flags
 
 
@@ -213,8 +279,7 @@ def attribution_flags(drivers: list[Tier]) -> list[Flag]:
     clinician can.  Source: ASTCT ("not attributable to any other cause"); reference.md edge case 15."""
     if not drivers:
         return []
-    return [Flag("attribution", "Counted as CRS: confirm the " + " and ".join(t.text for t in drivers)
-                 + " is not explained by another cause (sepsis, pneumonia, fluid overload).")]
+    return [Flag("attribution", "Rule out another cause (sepsis, pneumonia, fluid overload).")]
 
 
 # ---- The grade -------------------------------------------------------------------------------------
@@ -250,8 +315,8 @@ def _grade_from_fever(s: Situation, severity: int, drivers: list[Tier], evidence
     if waiver and severity >= 2:
         first_fever, treatment = waiver
         flags.append(Flag("fever-masked",
-                          f"Fever not required: {treatment.agent} given {_hhmm(treatment.start)} after fever "
-                          f"{first_fever.value:g} °C; grade driven by " + " and ".join(t.text for t in drivers) + ".",
+                          f"{treatment.agent} given {s.at(treatment.start)} after fever {first_fever.value:g} °C: fever "
+                          "no longer required, grade from " + " and ".join(t.text for t in drivers) + ".",
                           (first_fever.evidence(), treatment.evidence())))
         reason = " and ".join(t.text for t in drivers) + " (fever waived after treatment)"
         return Grade("CRS", severity, reason, ASTCT + "; fever waiver", window, evidence, flags)
@@ -269,6 +334,3 @@ def _grade_from_fever(s: Situation, severity: int, drivers: list[Tier], evidence
                      window, evidence, flags)
     return Grade("CRS", 0, "no fever in the last 24 h", ASTCT, window, [], flags)
 
-
-def _hhmm(moment) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M UTC")

@@ -32,6 +32,7 @@ from .protocol import Protocol
 
 # Observation kinds recognised by ValueSet, in the order they are tried (most specific first).
 OBSERVATION_VALUESETS = [
+    ("map", "mean-arterial-pressure"),
     ("sbp", "systolic-blood-pressure"),
     ("temperature", "body-temperature"),
     ("o2_flow", "oxygen-flow-rate"),
@@ -54,10 +55,10 @@ ICANS_KINDS = ("ice", "capd", "consciousness", "seizure", "motor_weakness", "cer
 ICANS_ANSWER_VALUESETS = {"consciousness": "icans-consciousness-levels", "seizure": "icans-seizure-findings",
                           "cerebral_edema": "icans-cerebral-edema-findings"}
 KIND_PRIORITY = {kind: rank for rank, (kind, _) in enumerate(OBSERVATION_VALUESETS)}
-COMPONENT_KINDS = {"sbp", "o2_flow"}  # read from Observation.component (BP panel, pulse oximetry)
-QUANTITY_UNITS = {"temperature": "Cel", "sbp": "mmHg", "o2_flow": "L/min", "weight": "kg",
+COMPONENT_KINDS = {"sbp", "map", "o2_flow"}  # read from Observation.component (BP panel, pulse oximetry)
+QUANTITY_UNITS = {"temperature": "Cel", "sbp": "mmHg", "map": "mmHg", "o2_flow": "L/min", "weight": "kg",
                   "ferritin": "ng/mL", "crp": "mg/L"}
-LABEL_UNITS = {"temperature": "°C", "sbp": "mmHg", "o2_flow": "L/min", "weight": "kg",
+LABEL_UNITS = {"temperature": "°C", "sbp": "mmHg", "map": "mmHg", "o2_flow": "L/min", "weight": "kg",
                "ferritin": "ng/mL", "crp": "mg/L"}
 # Medication categories (ValueSet ids) a MedicationAdministration may fall in.
 MEDICATION_VALUESETS = (
@@ -288,7 +289,7 @@ class FactExtractor:
             return
         if effective_without_zone(obs):
             self.facts.zoneless.append(resource_key(obs))
-        if kind == "bp_panel" and not any(k == "sbp" for k, _ in component_kinds):
+        if kind == "bp_panel" and not any(k in ("sbp", "map") for k, _ in component_kinds):
             self._unreadable(obs, "blood pressure panel without a systolic component")
         elif kind and kind != "bp_panel":
             component_kinds.insert(0, (kind, obs))
@@ -461,7 +462,7 @@ def _status_problem(resource: Mapping, allowed: set[str]) -> str | None:
 
 
 def _human(kind: str) -> str:
-    return {"sbp": "systolic BP", "o2_flow": "O2 flow", "crp": "CRP", "cerebral_edema": "cerebral edema"}.get(
+    return {"sbp": "systolic BP", "map": "MAP", "o2_flow": "O2 flow", "crp": "CRP", "cerebral_edema": "cerebral edema"}.get(
         kind, kind.replace("_", " "))
 
 

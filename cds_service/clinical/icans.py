@@ -76,8 +76,8 @@ def grade_icans(s: Situation) -> Grade:
     consciousness = s.readings("consciousness", "icans")
     if sedatives and consciousness:
         names = ", ".join(sorted({d.agent for d in sedatives}))
-        flags.append(Flag("sedation", f"Sedation ({names}) in the window: level of consciousness not used for "
-                                      "the ICANS grade; reassess off sedation.",
+        flags.append(Flag("sedation", f"Sedation ({names}): consciousness not used for the grade; reassess off "
+                                      "sedation.",
                           tuple(d.evidence() for d in sedatives)))
     else:
         domains.append(_worst("consciousness", consciousness, icans["consciousness_grades"].__getitem__))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timezone, tzinfo
 from typing import Any
 
 INDICATOR_RANK = {"info": 0, "warning": 1, "critical": 2}
@@ -10,6 +10,15 @@ INDICATOR_RANK = {"info": 0, "warning": 1, "critical": 2}
 
 def iso(moment: datetime | None) -> str | None:
     return moment.isoformat().replace("+00:00", "Z") if moment else None
+
+
+def clock(moment: datetime, tz: tzinfo | None = None, now: datetime | None = None) -> str:
+    """A time as a clinician reads it, in the site's time zone with its abbreviation: "14:05 CET"
+    on the day of ``now``, "04 Dec 14:05 CET" on another day."""
+    local = moment.astimezone(tz or timezone.utc)
+    if now is not None and now.astimezone(tz or timezone.utc).date() == local.date():
+        return local.strftime("%H:%M %Z")
+    return local.strftime("%d %b %H:%M %Z")
 
 
 @dataclass(frozen=True)
@@ -23,7 +32,11 @@ class Evidence:
 
     @property
     def sentence(self) -> str:
-        return f"{self.text} {self.when} {self.time:%Y-%m-%d %H:%M} UTC" if self.time else self.text
+        return self.phrase()
+
+    def phrase(self, tz: tzinfo | None = None, now: datetime | None = None) -> str:
+        """What and when, in words: "temperature 39.4 °C at 14:05 CET"."""
+        return f"{self.text} {self.when} {clock(self.time, tz, now)}" if self.time else self.text
 
     def to_json(self) -> dict:
         out = {"reference": self.reference, "text": self.text}
@@ -158,8 +171,12 @@ class Grade:
 
     @property
     def text(self) -> str:
+        """"CRS grade 2"; "No CRS" rather than grade 0 (decisions.md 8); "at least N" when a source was
+        not read (decisions.md 7)."""
         if self.value is None:
             return f"{self.syndrome} not graded"
+        if self.value == 0 and not self.at_least:
+            return f"No {self.syndrome}"
         prefix = "at least " if self.at_least else ""
         return f"{self.syndrome} grade {prefix}{self.value}"
 
@@ -184,6 +201,15 @@ class MedicationOrder:
     route: str
     every_hours: int | None
     text: str
+    duration_days: int | None = None  # a bounded order: how many days it runs
+
+    @property
+    def label(self) -> str:
+        """Drug and dose, short enough for a suggestion button."""
+        dose = f" {self.dose_mg:g} mg" if self.dose_mg is not None else ""
+        every = f" q{self.every_hours}h" if self.every_hours else ""
+        days = f" x {self.duration_days} days" if self.duration_days else ""
+        return f"{self.agent}{dose} {self.route.split(' ')[0]}{every}{days}"
 
     def to_json(self) -> dict:
         out: dict = {"agent": self.agent, "route": self.route, "text": self.text}
@@ -191,6 +217,8 @@ class MedicationOrder:
             out["doseMg"] = self.dose_mg
         if self.every_hours:
             out["everyHours"] = self.every_hours
+        if self.duration_days:
+            out["durationDays"] = self.duration_days
         return out
 
 
@@ -208,6 +236,8 @@ class Recommendation:
     target: str | None = None      # order checks: the draft order this advice is about
     remove_target: bool = False    # order checks: suggest removing that draft order
     replace_target: bool = False   # order checks: ``order`` replaces the draft order (corrected dose)
+    target_label: str | None = None  # order checks: the draft order in words ("tocilizumab 900 mg")
+    links: tuple[dict, ...] = ()   # the literature cited, {"label", "url"}
 
     def to_json(self) -> dict:
         out: dict = {"topic": self.topic, "indicator": self.indicator, "title": self.title,
@@ -220,6 +250,8 @@ class Recommendation:
             out["replaceTarget"] = self.replace_target
         if self.evidence:
             out["evidence"] = [e.to_json() for e in self.evidence]
+        if self.links:
+            out["links"] = [dict(link) for link in self.links]
         return out
 
 
@@ -239,6 +271,7 @@ class Assessment:
     iec_car_t: bool = False  # the latest IEC therapy is a CAR-T product (not a T-cell engager)
     situation: Any = field(default=None, repr=False, compare=False)  # scope.Situation, for order checks
     reading: dict = field(default_factory=dict, compare=False)  # how the chart was read (Facts.reading_notes)
+    tz: Any = field(default=None, repr=False, compare=False)  # the site's time zone, for the words
 
     @property
     def indicator(self) -> str:

@@ -1,55 +1,64 @@
 """Plain words for an assessment: the one-line headline (grade first) and a text report."""
 from __future__ import annotations
 
-from .model import Assessment, Evidence
+from .model import Assessment, Evidence, clock
 
 SUMMARY_LIMIT = 139
 
 
-def _action(assessment: Assessment) -> list[str]:
-    actions = []
-    for rec in assessment.recommendations:
-        if rec.order and rec.topic == "tocilizumab":
-            actions.append(f"give tocilizumab {rec.order.dose_mg:g} mg")
-        elif rec.order and rec.topic == "corticosteroid":
-            actions.append(f"{rec.title.split(' ', 1)[0].lower()} {rec.order.agent} {rec.order.dose_mg:g} mg "
-                           f"q{rec.order.every_hours}h")
-        elif rec.topic == "concurrent-icans":
-            actions.append("no tocilizumab")
-        elif rec.topic == "refractory-crs":
-            actions.append("refractory: consider anakinra/siltuximab")
-        elif rec.topic == "tocilizumab" and not rec.order:
-            actions.append("tocilizumab: " + rec.title.split(": ", 1)[-1])
-        elif rec.topic == "possible-masked-crs":
-            actions.append("possible masked CRS, evaluate")
-    return actions
+def action_now(assessment: Assessment) -> str | None:
+    """The one thing to do now, for the summary: an order due first, then the most urgent advice."""
+    recs = {r.topic: r for r in assessment.recommendations}
+    toci, steroid = recs.get("tocilizumab"), recs.get("corticosteroid")
+    if toci and toci.order:
+        return f"give tocilizumab {toci.order.dose_mg:g} mg IV now"
+    if steroid and steroid.order:
+        return f"{steroid.title.split(' ', 1)[0].lower()} {steroid.order.label}"
+    if toci and toci.title.startswith("Tocilizumab due"):
+        return "tocilizumab due: weigh the patient"
+    if "refractory-crs" in recs:
+        return "refractory CRS, consider anakinra or siltuximab"
+    if "concurrent-icans" in recs:
+        return "corticosteroids first, no tocilizumab"
+    if steroid:
+        title = steroid.title.split(" (", 1)[0].split(";", 1)[0]
+        return title[0].lower() + title[1:]
+    if "possible-masked-crs" in recs:
+        return "possible masked CRS: evaluate"
+    if toci:
+        return toci.title.split(": ", 1)[-1].split(" if ", 1)[0] if toci.title.startswith("Tocilizumab:") \
+            else toci.title[0].lower() + toci.title[1:]
+    for topic in ("crs-management", "icans-management"):
+        rec = recs.get(topic)
+        if rec and rec.indicator == "critical":
+            return "transfer to ICU"
+    return None
 
 
 def headline(assessment: Assessment) -> str:
-    """'CRS grade 3, ICANS grade 1: give tocilizumab 560 mg, start dexamethasone 10 mg q6h' (< 140 chars)."""
+    """Grade first, then the one action due now: 'CRS grade 3, no ICANS: give tocilizumab 560 mg IV now'
+    (under 140 characters)."""
     if not assessment.in_scope:
         return f"Not assessed: {assessment.scope_reason}"[:SUMMARY_LIMIT]
-    grades = ", ".join(g.text for g in (assessment.crs, assessment.icans) if g.value is not None)
-    text = grades
-    for action in _action(assessment):
-        candidate = f"{text}{': ' if text == grades else ', '}{action}"
-        if len(candidate) > SUMMARY_LIMIT:
-            break
-        text = candidate
-    return text
+    texts = [g.text for g in (assessment.crs, assessment.icans) if g.value is not None]
+    grades = ", ".join(t if i == 0 or not t.startswith("No ") else "no " + t[3:] for i, t in enumerate(texts))
+    action = action_now(assessment)
+    text = f"{grades}: {action}" if action and grades else grades or action or ""
+    return text if len(text) <= SUMMARY_LIMIT else text[:SUMMARY_LIMIT - 1].rstrip() + "…"
 
 
-def _evidence_line(item: Evidence) -> str:
-    return f"    - {item.sentence} ({item.reference})"
+def _evidence_line(item: Evidence, tz=None, now=None) -> str:
+    return f"    - {item.phrase(tz, now)} ({item.reference})"
 
 
 def as_text(assessment: Assessment) -> str:
-    lines = [headline(assessment), f"Assessed at {assessment.now:%Y-%m-%d %H:%M} UTC with {assessment.protocol}."]
+    tz = assessment.tz
+    lines = [headline(assessment), f"Assessed at {clock(assessment.now, tz)} with {assessment.protocol}."]
     if assessment.in_scope:
         lines.append(f"IEC therapy: {assessment.scope_reason}.")
     for grade in (assessment.crs, assessment.icans):
         lines.append(f"{grade.text}: {grade.reason}." + (f" Window: {grade.window}." if grade.window else ""))
-        lines += [_evidence_line(e) for e in grade.evidence]
+        lines += [_evidence_line(e, tz, assessment.now) for e in grade.evidence]
         lines += [f"    ! {flag.text}" for flag in grade.flags]
         if grade.at_least:
             lines.append("    ! Some data could not be read; the grade may be higher:")

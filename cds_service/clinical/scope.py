@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone, tzinfo
 
-from .model import DrugEvent, Facts
+from .model import DrugEvent, Facts, clock
 from .protocol import Protocol
 
 
@@ -80,6 +80,11 @@ class Situation:
     protocol: Protocol
     episode: Episode
     age: tuple[int, int] | None
+    tz: tzinfo = timezone.utc  # the site's time zone: only for the words, never for a rule
+
+    def at(self, moment: datetime) -> str:
+        """A time in the site's time zone, as a card says it."""
+        return clock(moment, self.tz, self.now)
 
     def window_start(self, name: str) -> datetime:
         return self.now - self.protocol.window(name)
@@ -126,6 +131,7 @@ def observation_horizon(protocol: Protocol, episode: Episode, now: datetime) -> 
         since={
             "temperature": min(episode.start, window("fever")),
             "sbp": window("hypotension"),
+            "map": window("hypotension"),
             "o2_flow": window("oxygen") - pairing,
             "o2_device": window("oxygen") - pairing,
             "weight": now - timedelta(days=protocol["weight_window_days"]),

@@ -15,6 +15,7 @@ import time
 from datetime import datetime, timezone
 from functools import lru_cache, wraps
 from typing import TYPE_CHECKING, Callable
+from urllib.parse import quote
 
 import jsonschema
 import jsonschema_rs
@@ -396,6 +397,12 @@ def in_flight_calls() -> list[dict]:
             for service, started in list(_IN_FLIGHT.values())]
 
 
+def protocol_url(state: ServiceState, req: Request, site) -> str:
+    """Where this service serves the document of the protocol a site applies (cards link to it)."""
+    base = state.settings.external_base_url or req.host_url
+    return base.rstrip("/") + "/protocol" + ("" if site is state.sites.default else f"/{quote(site.name, safe='')}")
+
+
 @blueprint.post("/cds-services/<service_id>")
 def call_service(service_id: str):
     # Not @authenticated: a refused client is a refusal like any other, in the call's log line.
@@ -421,6 +428,8 @@ def call_service(service_id: str):
             notes.update(scope=call, sources={service.scope_key: "prefetch"})
             outcome, status = "ok", 200
             return Response(NO_CARDS, mimetype="application/json")
+        call.quiet_when_normal = state.settings.quiet_when_normal
+        call.protocol_url = protocol_url(state, req, site)
         cards = service.handler(call)
         # Written before the answer leaves: feedback on these cards may arrive at any instance.
         state.feedback.remember_cards(service_id, body["hookInstance"],

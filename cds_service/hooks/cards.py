@@ -57,7 +57,8 @@ def _summary(text: str) -> str:
     return text if len(text) <= SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 1].rstrip() + "…"
 
 
-def _card(template: CardTemplate, summary: str, indicator: str, detail: str, suggestions: list[dict]) -> dict:
+def _card(template: CardTemplate, summary: str, indicator: str, detail: str, suggestions: list[dict],
+          links: list[dict] | None = None) -> dict:
     card = {
         "uuid": _new_id(),
         "summary": _summary(summary),
@@ -70,29 +71,104 @@ def _card(template: CardTemplate, summary: str, indicator: str, detail: str, sug
         card["selectionBehavior"] = "any"  # Epic supports only "any"
     if template.override_reasons:
         card["overrideReasons"] = [dict(r) for r in template.override_reasons]
-    if template.links:
-        card["links"] = [dict(link) for link in template.links]
+    links = [dict(link) for link in template.links] if links is None else links
+    if links:
+        card["links"] = links
     return card
 
 
 # ---- Markdown ------------------------------------------------------------------------------------
 
-def _grade_markdown(grade: Grade) -> list[str]:
-    head = f"**{grade.text}**: {grade.reason}"
-    if grade.window:
-        head += f" _(window: {grade.window})_"
+# Flags that a recommendation of their own already says: not repeated under the grade.
+FLAGS_WITH_THEIR_OWN_ADVICE = {"fever-masked", "possible-masked-crs"}
+
+
+def _grade_markdown(grade: Grade, assessment: Assessment) -> list[str]:
+    """The grade, its reason, and its deciding evidence in words (what and when), on one line."""
+    evidence = [e.phrase(assessment.tz, assessment.now) for e in grade.evidence]
+    head = f"**{grade.text}**" + (": " + "; ".join(evidence) if evidence else f": {grade.reason}" if grade.value else "")
     lines = [head]
-    lines += [f"- {e.sentence} ({e.reference})" for e in grade.evidence]
-    lines += [f"- ⚠ {flag.text}" for flag in grade.flags]
-    if grade.at_least:
-        lines.append("- ⚠ Some data could not be read, so the grade may be higher: " + "; ".join(grade.missing[:5]))
+    said_elsewhere = FLAGS_WITH_THEIR_OWN_ADVICE | (
+        {"attribution"} if assessment.recommendation("infection-workup") else set())  # its line says it
+    lines += [f"- ⚠ {flag.text}" for flag in grade.flags if flag.code not in said_elsewhere]
     return lines
 
 
-def _recommendation_markdown(rec: Recommendation) -> list[str]:
-    lines = [f"**{rec.title}** [{rec.source}]"]
-    lines += [f"- {d}" for d in rec.detail]
-    return lines
+def _missing_line(assessment: Assessment) -> list[str]:
+    """The sources that could not be read, named once for both grades (decisions.md 7)."""
+    missing: list[str] = []
+    for grade in (assessment.crs, assessment.icans):
+        missing += [m for m in grade.missing if m not in missing] if grade.at_least else []
+    if not missing:
+        return []
+    sources = [m for m in missing if m.startswith("prefetch:")]  # whole sources: every one is named
+    shown = sources + [m for m in missing if m not in sources][:max(0, 5 - len(sources))]
+    return ["- ⚠ Some data could not be read, so the grade may be higher: " + "; ".join(shown)]
+
+
+def _recommendation_line(rec: Recommendation, seen: set[str]) -> str | None:
+    """One bullet: the title in bold, then the details not said before in this answer."""
+    details = [d for d in rec.detail if _norm(d) not in seen]
+    seen.update(_norm(d) for d in details)
+    if _norm(rec.title) in seen and not details:
+        return None
+    seen.add(_norm(rec.title))
+    body = "; ".join(d.rstrip(".") for d in details)
+    return f"- **{rec.title}**" + (f": {body}." if body else "")
+
+
+def _norm(text: str) -> str:
+    return text.strip().rstrip(".").lower()
+
+
+def _sources_line(recs: Iterable[Recommendation], protocol_url: str | None, protocol: str = "") -> str:
+    """The literature cited, once each; a protocol choice as "rule <key>" of the protocol named once."""
+    parts: list[str] = []
+    rules: list[str] = []
+    for rec in recs:
+        for part in rec.source.split("; "):
+            if ", rule " in part:
+                rule = part.rsplit(", rule ", 1)[1]
+                protocol = protocol or part.rsplit(", rule ", 1)[0]
+                if rule not in rules:
+                    rules.append(rule)
+            elif part and part not in parts:
+                parts.append(part)
+    text = "Sources: " + "; ".join(parts) + "." if parts else ""
+    if rules:
+        text += f" {protocol}, " + ("rules " if len(rules) > 1 else "rule ") + ", ".join(rules) + "."
+    if protocol_url:
+        text += f" [Protocol]({protocol_url})."
+    return f"_{text.strip()}_" if text.strip() else ""
+
+
+def _main_footer(assessment: Assessment, shown: list[Recommendation], protocol_url: str | None) -> str:
+    """The IEC therapy, then the protocol and the rules of it the card applied; the literature the
+    card cites is in its links (authors, journal, doi)."""
+    rules: list[str] = []
+    for rec in shown:
+        for part in rec.source.split("; "):
+            if ", rule " in part and part.rsplit(", rule ", 1)[1] not in rules:
+                rules.append(part.rsplit(", rule ", 1)[1])
+    text = f"_{assessment.scope_reason}. {assessment.protocol}"
+    if rules:
+        text += (", rules " if len(rules) > 1 else ", rule ") + ", ".join(rules)
+    text += f" ([document]({protocol_url}))._" if protocol_url else "._"
+    return text
+
+
+def _links(template: CardTemplate, recs: Iterable[Recommendation], protocol_url: str | None) -> list[dict]:
+    links = [dict(link) for link in template.links]
+    urls = {link["url"] for link in links}
+    for rec in recs:
+        for link in rec.links:
+            if link["url"] not in urls:
+                urls.add(link["url"])
+                links.append({"label": link["label"], "url": link["url"], "type": "absolute"})
+    if protocol_url and protocol_url not in urls:
+        links.append({"label": "The protocol these cards follow (thresholds, doses, rules)", "url": protocol_url,
+                      "type": "absolute"})
+    return links
 
 
 # ---- FHIR resources for suggestions ---------------------------------------------------------------
@@ -106,7 +182,10 @@ def medication_request(order: MedicationOrder, patient_id: str | None, terminolo
         concept["coding"] = [coding]
     dosage: dict = {"text": order.text, "route": {"text": order.route}}
     if order.every_hours:
-        dosage["timing"] = {"repeat": {"frequency": 1, "period": order.every_hours, "periodUnit": "h"}}
+        repeat: dict = {"frequency": 1, "period": order.every_hours, "periodUnit": "h"}
+        if order.duration_days:  # a bounded order (methylprednisolone 500 mg q12h for 3 days)
+            repeat["boundsDuration"] = {"value": order.duration_days, "unit": "days", "system": UCUM, "code": "d"}
+        dosage["timing"] = {"repeat": repeat}
     if order.dose_mg is not None:
         dosage["doseAndRate"] = [{"doseQuantity": {"value": order.dose_mg, "unit": "mg", "system": UCUM,
                                                    "code": "mg"}}]
@@ -158,52 +237,86 @@ def _order_suggestions(recs: Iterable[Recommendation], assessment: Assessment, t
     suggestions = []
     for rec in recs:
         if rec.target and rec.remove_target:
-            suggestions.append(_suggestion(f"Remove the order {rec.target}", "delete",
-                                           f"Remove {rec.target}", resource_id=rec.target, recommended=True))
+            what = rec.target_label or "draft"
+            suggestions.append(_suggestion(f"Remove the {what} order"[:79], "delete",
+                                           f"Remove the {what} order", resource_id=rec.target, recommended=True))
         if rec.order is None:
             continue
         request = medication_request(rec.order, assessment.patient_id, terminology)
         if rec.target and rec.replace_target:
             request["id"] = rec.target.split("/", 1)[1]
-            suggestions.append(_suggestion(f"Change to {rec.order.text}", "update",
-                                           f"Change {rec.target} to {rec.order.text}", request))
+            suggestions.append(_suggestion(f"Change to {rec.order.label}"[:79], "update",
+                                           f"Change the {rec.target_label or 'draft'} order to {rec.order.text}",
+                                           request))
         else:
             verb = "Order instead" if rec.target else "Order"
-            suggestions.append(_suggestion(f"{verb}: {rec.order.text}", "create", f"{verb} {rec.order.text}",
+            suggestions.append(_suggestion(f"{verb}: {rec.order.label}"[:79], "create", f"{verb} {rec.order.text}",
                                            request, recommended=not rec.target))
     return suggestions
 
 
 # ---- Cards ---------------------------------------------------------------------------------------
 
-def assessment_cards(assessment: Assessment, terminology: Terminology) -> list[dict]:
-    """The patient-view cards: one assessment card, plus one card per pitfall that fired."""
+def is_normal(assessment: Assessment) -> bool:
+    """No CRS, no ICANS, every source read and no pitfall: nothing to say (decisions.md 8)."""
+    grades = [g for g in (assessment.crs, assessment.icans) if g.value is not None]
+    return (bool(grades) and all(g.value == 0 and not g.at_least for g in grades)
+            and not assessment.unreadable and not assessment.recommendations
+            and all(f.code == "no-icans-assessment" for g in grades for f in g.flags))
+
+
+def assessment_cards(assessment: Assessment, terminology: Terminology, quiet_when_normal: bool = True,
+                     protocol_url: str | None = None) -> list[dict]:
+    """The patient-view cards: one assessment card, plus one card per pitfall that fired. Quiet
+    when normal: no card, or one short card asking for an ICANS assessment when none is recent."""
     if not assessment.in_scope:
         return []
     main = card_templates()[ASSESSMENT]
+    if quiet_when_normal and is_normal(assessment):
+        missing = [f for g in (assessment.crs, assessment.icans) for f in g.flags if f.code == "no-icans-assessment"]
+        if not missing:
+            return []
+        crs = assessment.crs.text if assessment.crs.value is not None else "CRS not graded"
+        return [_card(main, f"{crs}; no ICANS assessment in the last 12 h: assess ICE (CAPD under 12)", "info",
+                      missing[0].text, [], _links(main, [], protocol_url))]
     shown = [r for r in assessment.recommendations if r.topic in main.recommendation_topics]
-    detail = _grade_markdown(assessment.crs) + [""] + _grade_markdown(assessment.icans)
-    for rec in shown:
-        detail += [""] + _recommendation_markdown(rec)
-    detail += ["", f"_IEC therapy: {assessment.scope_reason}. {assessment.protocol}._"]
+    seen: set[str] = set()
+    detail = (_grade_markdown(assessment.crs, assessment) + _grade_markdown(assessment.icans, assessment)
+              + _missing_line(assessment))
+    lines = [line for rec in shown for line in [_recommendation_line(rec, seen)] if line]
+    # Background (work-up, monitoring) on one line (decisions.md 8).
+    background = [line for line in lines if line.startswith(("- **Infection**", "- **Also**"))]
+    if len(background) == 2:
+        merged = background[0].rstrip(".") + "; " + background[1].split("**: ", 1)[1]
+        lines = [line for line in lines if line not in background] + [merged.replace("**Infection**", "**Also**")]
+    if lines:
+        detail += ["", *lines]
+    detail += ["", _main_footer(assessment, shown, protocol_url)]
     suggestions = _order_suggestions(shown, assessment, terminology)
     for grade, code, profile in ((assessment.crs, "crs-grade", "crs-grade-observation"),
                                  (assessment.icans, "icans-grade", "icans-grade-observation")):
-        if grade.value is not None and not grade.at_least:
+        if grade.value and not grade.at_least:  # never "record grade 0" (decisions.md 8)
             suggestions.append(_suggestion(f"Record {grade.text}", "create", f"Record {grade.text} as an Observation",
                                            grade_observation(grade, code, profile, assessment)))
     indicator = max((r.indicator for r in shown), key=["info", "warning", "critical"].index, default="info")
-    cards = [_card(main, headline(assessment), indicator, "\n".join(detail), suggestions)]
-    cards += finding_cards([r for r in assessment.recommendations if r not in shown], assessment, terminology)
+    cards = [_card(main, headline(assessment), indicator, "\n".join(detail), suggestions,
+                   _links(main, shown, protocol_url))]
+    cards += finding_cards([r for r in assessment.recommendations if r not in shown], assessment, terminology,
+                           protocol_url, seen)
     return cards
 
 
-def finding_cards(recs: Iterable[Recommendation], assessment: Assessment, terminology: Terminology) -> list[dict]:
-    """One card per pitfall or order-check finding."""
+def finding_cards(recs: Iterable[Recommendation], assessment: Assessment, terminology: Terminology,
+                  protocol_url: str | None = None, seen: set[str] | None = None) -> list[dict]:
+    """One card per pitfall or order-check finding, holding only that pitfall (nothing the other
+    cards of the answer already say)."""
+    seen = set() if seen is None else seen
     cards = []
     for rec in recs:
         template = template_for_topic(rec.topic)
-        detail = _recommendation_markdown(rec)[1:] + ["", f"_Source: {rec.source}. {assessment.protocol}._"]
+        details = [d for d in rec.detail if _norm(d) not in seen]
+        seen.update(_norm(d) for d in details)
+        detail = [f"- {d}" for d in details] + ["", _sources_line([rec], protocol_url)]
         cards.append(_card(template, rec.title, rec.indicator, "\n".join(detail),
-                           _order_suggestions([rec], assessment, terminology)))
+                           _order_suggestions([rec], assessment, terminology), _links(template, [rec], protocol_url)))
     return cards

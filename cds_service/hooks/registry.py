@@ -27,12 +27,15 @@ log = logging.getLogger("crs_cds.hooks")
 # What each Observation prefetch key asks for, by ValueSet (a site's local codes join automatically).
 OBSERVATION_KEYS = {
     "temperatures": ("body-temperature",),
-    "bloodPressures": ("systolic-blood-pressure", "blood-pressure-panel"),
-    "oxygen": ("oxygen-flow-rate", "oxygen-delivery-method", "pulse-oximetry"),
+    "bloodPressures": ("systolic-blood-pressure", "blood-pressure-panel", "mean-arterial-pressure"),
+    "oxygen": ("oxygen-flow-rate", "pulse-oximetry"),
+    # The delivery method has its own key, read further back: CPAP/BiPAP charted in the 7 days
+    # before the first IEC dose is the patient's home device (decisions.md 3).
+    "oxygenDevices": ("oxygen-delivery-method",),
     "assessments": ("body-weight", "ferritin", "c-reactive-protein", "icans-ice-score", "icans-capd-score",
                     "icans-consciousness", "icans-seizure", "icans-motor-weakness", "icans-cerebral-edema"),
 }
-PAGE_SIZES = {"temperatures": 1000, "bloodPressures": 200, "oxygen": 300, "assessments": 200}
+PAGE_SIZES = {"temperatures": 1000, "bloodPressures": 200, "oxygen": 300, "oxygenDevices": 200, "assessments": 200}
 
 
 @dataclass
@@ -46,8 +49,10 @@ class HookCall:
     now: datetime
     protocol: Protocol
     terminology: Terminology
-    zone: tzinfo
+    zone: tzinfo                               # the site's time zone: zoneless times, and the cards' words
     notes: dict = field(default_factory=dict)  # for the call's log line
+    quiet_when_normal: bool = True             # no card for a normal in-scope patient
+    protocol_url: str | None = None            # where the protocol document is served, for card links
 
     @property
     def context(self) -> dict:
@@ -111,6 +116,10 @@ def prefetch_templates(terminology: Terminology, ehr: str = "generic") -> dict[s
     # Medications named by reference come with their administrations where the server supports it.
     include = "&_include=MedicationAdministration:medication" if ehr == "generic" else ""
     templates["medications"] = f"MedicationAdministration?patient={{{{context.patientId}}}}{include}&_count={count}"
+    # The order hooks read the patient's open medication orders: a CAR-T product ordered (scheduled)
+    # makes a corticosteroid order premedication (decisions.md 6 rule 8).
+    templates["medicationRequests"] = ("MedicationRequest?patient={{context.patientId}}"
+                                       "&status=active,on-hold,draft&_count=200")
     return templates
 
 
@@ -118,6 +127,7 @@ def prefetch_templates(terminology: Terminology, ehr: str = "generic") -> dict[s
 KEY_SCOPES = {
     "patient": ("patient/Patient.read", "patient/Patient.r"),
     "medications": ("patient/MedicationAdministration.read", "patient/MedicationAdministration.rs"),
+    "medicationRequests": ("patient/MedicationRequest.read", "patient/MedicationRequest.rs"),
     **{key: ("patient/Observation.read", "patient/Observation.rs") for key in OBSERVATION_KEYS},
 }
 MEDICATION_SCOPES = ("patient/Medication.read", "patient/Medication.rs")  # Medications named by reference
@@ -131,6 +141,7 @@ def prefetch_cutoffs(protocol: Protocol, now: datetime) -> dict[str, datetime]:
         "temperatures": now - episode_days,
         "bloodPressures": now - protocol.window("hypotension"),
         "oxygen": now - protocol.window("oxygen") - pairing,
+        "oxygenDevices": now - episode_days - timedelta(days=protocol["home_positive_pressure_days_before"]),
         "assessments": now - max(episode_days, timedelta(days=protocol["weight_window_days"])),
     }
 
@@ -199,7 +210,7 @@ def gather(service: ServiceDeclaration, request: dict, site, now: datetime, clie
 def patient_view(call: HookCall) -> list[dict]:
     """CRS and ICANS grades with evidence, dosing and pitfalls; no card when out of scope."""
     assessment = _assess_or_412(call)
-    return assessment_cards(assessment, call.terminology)
+    return assessment_cards(assessment, call.terminology, call.quiet_when_normal, call.protocol_url)
 
 
 def _draft_resources(call: HookCall) -> list[dict]:
@@ -223,17 +234,24 @@ def order_select(call: HookCall) -> list[dict]:
 
 
 def _order_checks(call: HookCall, selections: list[str] | None) -> list[dict]:
+    # An unread MedicationRequest source changes no grade (it only hides a scheduled CAR-T): noted
+    # in the call's log line, not passed to the grading.
+    orders_unread = [u for u in call.unread if u.reference == "prefetch:medicationRequests"]
+    if orders_unread:
+        call.notes["medicationRequests"] = "unread: " + orders_unread[0].reason
+    unread = [u for u in call.unread if u not in orders_unread]
     assessment, findings = review_orders(_draft_resources(call), call.resources, call.now, selections,
-                                         call.protocol, call.terminology, call.unread, zone=call.zone)
+                                         call.protocol, call.terminology, unread, zone=call.zone)
     if not assessment.assessable:
         raise PreconditionFailed("the patient's medication administrations could not be read")
     call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
     call.notes["read"] = assessment.reading or None
-    return finding_cards(findings, assessment, call.terminology)
+    return finding_cards(findings, assessment, call.terminology, call.protocol_url)
 
 
 ALL_KEYS = ("patient", *OBSERVATION_KEYS, "medications")
 REQUIRED = frozenset(ALL_KEYS) - {"patient"}
+ORDER_KEYS = (*ALL_KEYS, "medicationRequests")  # fetched when not prefetched; not required (no grade needs it)
 
 SERVICES = [
     ServiceDeclaration(
@@ -255,12 +273,12 @@ SERVICES = [
         description="At signing: warns on GM-CSF after IEC therapy (suggests removing it or ordering filgrastim), "
                     "steroid premedication before CAR-T, and tocilizumab orders outside the protocol's dose and "
                     "limits (with the computed dose).",
-        handler=order_sign, prefetch_keys=ALL_KEYS, required_keys=REQUIRED),
+        handler=order_sign, prefetch_keys=ORDER_KEYS, required_keys=REQUIRED),
     ServiceDeclaration(
         id="crs-order-safety-select",
         hook="order-select",
         title="CAR-T/T-cell engager order safety (select)",
         description="The order-sign checks, run as orders are selected, on the selected orders only.",
-        handler=order_select, prefetch_keys=ALL_KEYS, required_keys=REQUIRED),
+        handler=order_select, prefetch_keys=ORDER_KEYS, required_keys=REQUIRED),
 ]
 SERVICES_BY_ID = {service.id: service for service in SERVICES}
