@@ -19,6 +19,7 @@ from .hooks.auth import Authenticator
 from .hooks.openapi import openapi_blueprint
 from .settings import Settings
 from .site import Site
+from . import smart
 
 log = logging.getLogger("crs_cds")
 
@@ -162,6 +163,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     app.config["CRS_CDS"] = state
     app.register_blueprint(blueprint)
     app.register_blueprint(openapi_blueprint)  # GET /openapi.json, no client JWT (why: hooks/openapi.py)
+    smart.init_app(app, settings, site, templates, state.fhir_client)  # /smart/: the timeline app
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):

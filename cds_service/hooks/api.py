@@ -20,6 +20,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
 from .auth import AuthenticatedClient
+from .cards import add_app_link
 from .openapi import load_schema_file
 from .registry import SERVICES, SERVICES_BY_ID, gather, prefetch_templates
 
@@ -232,6 +233,9 @@ def call_service(state: ServiceState, req: Request, client: AuthenticatedClient 
             outcome = "ok"
             return Response(NO_CARDS, mimetype="application/json")
         cards = service.handler(call)
+        if state.settings.smart_link_enabled and cards:
+            add_app_link(cards, state.settings.smart_launch_url or
+                         f"{(state.settings.external_base_url or req.url_root).rstrip('/')}/smart/launch")
         state.feedback.remember_cards(service_id, body["hookInstance"],
                                       [(card["uuid"], card["source"]["topic"]["code"]) for card in cards])
         notes.update(call.notes)
