@@ -4,7 +4,7 @@ VENV := .venv
 FHIR_VENV := .fhir-venv
 SEKMET_VERSION := 0.1.1
 
-.PHONY: install test fhir-server bench clean
+.PHONY: install test fhir-server chromium bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ $(FHIR_VENV)/bin/sekmet:
 
 fhir-server: $(FHIR_VENV)/bin/sekmet
 
-test: install fhir-server
+# Debian's Chromium for the SMART app's browser test (Playwright drives it; never `playwright install`).
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
+test: install fhir-server chromium
 	CRS_CDS_SEKMET=$(FHIR_VENV)/bin/sekmet $(VENV)/bin/python -m pytest -q
 
 # Throughput, latency and memory under gunicorn against a bare Flask reference (benchmarks/README.md).

@@ -18,7 +18,7 @@ from ..settings import Settings
 from ..site import Site
 from . import oauth
 from .render import page, timeline_page
-from .timeline import build_timeline, read_chart
+from .timeline import HourMemo, build_timeline, read_chart
 
 log = logging.getLogger("crs_cds.smart")
 COOKIE = "crs_smart"
@@ -33,11 +33,12 @@ class SmartState:
     fhir_client: FhirClient
     clients: dict[str, oauth.SmartClient]
     sessions: oauth.SessionStore
+    hours: HourMemo
 
 
 def init_app(app: Flask, settings: Settings, site: Site, templates: dict[str, str], fhir_client: FhirClient) -> None:
     app.config["CRS_CDS_SMART"] = SmartState(settings, site, templates, fhir_client, oauth.smart_clients(settings),
-                                             oauth.SessionStore())
+                                             oauth.SessionStore(), HourMemo())
     app.register_blueprint(blueprint)
 
 
@@ -165,7 +166,7 @@ def timeline():
                                             state.templates, state.fhir_client, state.settings)
     hours = request.args.get("hours", "")
     window = int(hours) if hours.isdigit() and 0 < int(hours) <= 24 * 90 else None
-    built = build_timeline(resources, missing, unread, now, state.site, window)
+    built = build_timeline(resources, missing, unread, now, state.site, window, state.hours, session.iss)
     if built.patient_id == "?":
         built.patient_id = session.patient
     status = 200 if built.start is not None or not built.medications_missing else 502

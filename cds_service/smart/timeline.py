@@ -6,6 +6,10 @@ given the chart as it stood then; the lanes show the facts the core read (``extr
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -104,8 +108,48 @@ def _observation_time(resource: dict, zone) -> datetime | None:
         return None
 
 
+class HourMemo:
+    """The hour grades already computed, keyed by everything they depend on: the content of the
+    chart as it stood at that hour's end (every resource but the Observations, and the Observations
+    charted by then, as hashes of their JSON), the hour, the parts that could not be read and the
+    site rules; plus the FHIR server it came from. Never by a resource id or a session: two charts
+    that reuse ids are graded each as if alone. Bounded; the oldest entries go first.
+
+    Why: the engine's grade at one moment reads every temperature since the IEC therapy, so an
+    episode of H hours costs H full assessments; a reload, or the next hour, then costs only the
+    hours whose chart changed."""
+
+    def __init__(self, size: int = 20_000):
+        self.size = size
+        self._entries: OrderedDict[tuple, HourGrade] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> HourGrade | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple, value: HourGrade) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _digest(resource: dict) -> bytes:
+    return hashlib.sha256(json.dumps(resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                     default=str).encode()).digest()
+
+
 def build_timeline(resources: list[dict], missing: dict[str, str], unread: list[Unreadable], now: datetime,
-                   site: Site, window_hours: int | None = None) -> Timeline:
+                   site: Site, window_hours: int | None = None, memo: HourMemo | None = None,
+                   source: str = "") -> Timeline:
     """Grades at each hour's end from the first IEC administration (or ``window_hours`` before
     ``now``, whichever is later) to ``now``, and the facts to draw."""
     zone = site.zone
@@ -147,6 +191,23 @@ def build_timeline(resources: list[dict], missing: dict[str, str], unread: list[
     untimed = [observations[i] for when, i in timed if when is None]
     timed = [(when, observations[i]) for when, i in timed if when is not None]
     times = [when for when, _ in timed]
+    prefixes: list[bytes] = []
+    fixed = b""
+    if memo is not None:
+        # What the chart held at each hour's end, as hashes: the resources graded whole (sorted,
+        # so the order the server sent them in does not matter), then the Observations in time order.
+        fixed = hashlib.sha256(b"".join(sorted(_digest(r) for r in others + untimed))).digest()
+        running = hashlib.sha256()
+        digests = [_digest(o) for _, o in timed]
+        order = sorted(range(len(timed)), key=lambda i: (times[i], digests[i]))
+        timed = [timed[i] for i in order]
+        times = [times[i] for i in order]
+        prefixes = [b""]
+        for i in order:
+            running.update(digests[i])
+            prefixes.append(running.digest())
+    rules = (source, site.protocol.label, id(site.protocol), id(site.terminology), str(zone),
+             tuple(sorted((u.reference, u.reason) for u in unread)))
     first_hour = view.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
     ends = []
     moment = first_hour
@@ -156,10 +217,16 @@ def build_timeline(resources: list[dict], missing: dict[str, str], unread: list[
     ends.append(now)
     for end in ends:
         upto = bisect.bisect_right(times, end)
-        chart = others + untimed + [o for _, o in timed[:upto]]
-        assessment = assess(chart, end, site.protocol, site.terminology, unread, zone=zone)
-        running = sorted({d.agent for d in timeline.pressors if d.running_at(end)})
-        timeline.hours.append(HourGrade(end, assessment.crs, assessment.icans, running))
+        key = (rules, fixed, prefixes[upto], end) if memo is not None else None
+        hour = memo.get(key) if memo is not None else None
+        if hour is None:
+            chart = others + untimed + [o for _, o in timed[:upto]]
+            assessment = assess(chart, end, site.protocol, site.terminology, unread, zone=zone)
+            running = sorted({d.agent for d in timeline.pressors if d.running_at(end)})
+            hour = HourGrade(end, assessment.crs, assessment.icans, running)
+            if memo is not None:
+                memo.put(key, hour)
+        timeline.hours.append(hour)
     return timeline
 
 
