@@ -313,3 +313,24 @@ def test_hour_grades_are_remembered_by_content_never_by_ids(now):
     assert len(memo) < 2 * len(first.hours)
     again = build_timeline(chart, {}, [], now, site, memo=memo, source="ehr")
     assert [h.crs.value for h in again.hours] == [h.crs.value for h in first.hours]
+
+
+def test_the_fever_waiver_and_at_least_are_drawn(now):
+    from cds_service.site import Site
+    from cds_service.smart.render import timeline_page
+    from cds_service.smart.timeline import build_timeline
+
+    site = Site.from_settings(Settings())
+    built = build_timeline(by_name("crs3-fever-masked-hfnc").resources(now), {}, [], now, site)
+    html = timeline_page(built, site.protocol.label)
+    # Afebrile after tocilizumab, on high-flow oxygen: CRS 3 with the fever waived, drawn as "3w".
+    assert 'data-lane="crs" data-grade="3" data-at-least="false" data-waived="true"' in html
+    assert ">3w</text>" in html and "fever waived after treatment" in html
+
+    from cds_service.clinical.model import Unreadable
+    failed = [Unreadable("prefetch:bloodPressures", "FHIR server answered 500 for Observation search", "Observation")]
+    built = build_timeline(by_name("crs3-fever-masked-hfnc").resources(now), {"bloodPressures": "answered 500"},
+                           failed, now, site)
+    html = timeline_page(built, site.protocol.label)
+    assert 'data-lane="crs" data-grade="3" data-at-least="true"' in html and ">≥3w</text>" in html
+    assert 'data-missing="bloodPressures"' in html and 'data-missing-part="bloodPressures"' in html

@@ -104,8 +104,8 @@ def read_chart(iss: str, patient: str, token: str, now: datetime, site: Site, te
 def _observation_time(resource: dict, zone) -> datetime | None:
     try:
         return effective_interval(resource, zone)[0]
-    except (UnreadableValue, Exception):
-        return None
+    except UnreadableValue:
+        return None  # the engine says why; such an Observation is in every hour's chart
 
 
 class HourMemo:
