@@ -281,6 +281,11 @@ def test_the_assessment_card_links_to_the_app(tmp_path, serve_app, now):
     cards = off.post("/cds-services/crs-icans-assessment", body).json()["cards"]
     assert not [link for card in cards for link in card.get("links", []) if link["type"] == "smart"]
 
+    only_for_an_ehr = serve_app(create_app(Settings(feedback_db=str(tmp_path / "d.sqlite3"), auth_enabled=False,
+                                                    smart_link_clients=["https://ehr.example.org"])))
+    cards = only_for_an_ehr.post("/cds-services/crs-icans-assessment", body).json()["cards"]
+    assert cards and not [link for card in cards for link in card.get("links", []) if link["type"] == "smart"]
+
     elsewhere = serve_app(create_app(Settings(feedback_db=str(tmp_path / "c.sqlite3"), auth_enabled=False,
                                               smart_launch_url="https://apps.example.org/timeline/launch")))
     cards = elsewhere.post("/cds-services/crs-icans-assessment", body).json()["cards"]

@@ -233,7 +233,8 @@ def call_service(state: ServiceState, req: Request, client: AuthenticatedClient 
             outcome = "ok"
             return Response(NO_CARDS, mimetype="application/json")
         cards = service.handler(call)
-        if state.settings.smart_link_enabled and cards:
+        if state.settings.smart_link_enabled and cards and (
+                not state.settings.smart_link_clients or (client and client.iss in state.settings.smart_link_clients)):
             add_app_link(cards, state.settings.smart_launch_url or
                          f"{(state.settings.external_base_url or req.url_root).rstrip('/')}/smart/launch")
         state.feedback.remember_cards(service_id, body["hookInstance"],

@@ -23,6 +23,7 @@ from ..fhir.client import FhirClient
 from ..fhir.prefetch import resolve_prefetch
 from ..settings import Settings
 from ..site import Site
+from ..terminology import codeable_codes
 
 # What each search of the hooks' prefetch templates holds, as the page names it when it fails.
 PARTS = {
@@ -38,7 +39,7 @@ DOSE_CATEGORIES = (("tocilizumab", "tocilizumab"), ("systemic-corticosteroids", 
                    ("antipyretics", "antipyretic"))
 PRESSOR_CATEGORIES = ("vasopressors", "vasopressin")
 ICANS_KINDS = ("ice", "capd", "consciousness", "seizure", "motor_weakness", "cerebral_edema")
-MAP_CODE = ("http://loinc.org", "8478-0")
+SHOWN_VALUESETS = ("mean-arterial-pressure",)  # read by this app alone, for display
 
 
 @dataclass
@@ -175,7 +176,8 @@ def build_timeline(resources: list[dict], missing: dict[str, str], unread: list[
     timeline.iec = [d for d in episode.administrations if d.end >= view]
     for kind in ("temperature", "sbp", "o2_flow", "o2_device", *ICANS_KINDS):
         timeline.readings[kind] = sorted((r for r in facts.of_kind(kind) if r.end >= view), key=lambda r: r.end)
-    timeline.maps = _mean_arterial_pressures(resources, zone, view, now)
+    timeline.maps = _mean_arterial_pressures(resources, zone, view, now,
+                                             set(site.terminology["mean-arterial-pressure"].codes))
     for category, label in DOSE_CATEGORIES:
         timeline.doses += [(label, d) for d in facts.drugs_in(category) if d.start >= view]
     timeline.doses.sort(key=lambda item: item[1].start)
@@ -230,7 +232,8 @@ def build_timeline(resources: list[dict], missing: dict[str, str], unread: list[
     return timeline
 
 
-def _mean_arterial_pressures(resources: list[dict], zone, since: datetime, now: datetime) -> list[tuple]:
+def _mean_arterial_pressures(resources: list[dict], zone, since: datetime, now: datetime,
+                             codes: set[tuple[str, str]]) -> list[tuple]:
     """MAP where the chart has it (a component of a blood pressure panel, or its own Observation):
     shown only, no rule reads it."""
     found = []
@@ -239,8 +242,7 @@ def _mean_arterial_pressures(resources: list[dict], zone, since: datetime, now: 
             continue
         holders = [resource] + [c for c in resource.get("component") or [] if isinstance(c, dict)]
         for holder in holders:
-            codings = (holder.get("code") or {}).get("coding") or []
-            if not any(isinstance(c, dict) and (c.get("system"), c.get("code")) == MAP_CODE for c in codings):
+            if not codes.intersection(codeable_codes(holder.get("code"))):
                 continue
             quantity = holder.get("valueQuantity") or {}
             value = quantity.get("value")
