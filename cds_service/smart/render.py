@@ -264,11 +264,14 @@ def _icans_domains_lane(c: Canvas) -> None:
         gy = y + score_h - guide / 10 * score_h
         c.add(f'<text x="{LEFT - 6}" y="{gy + 4:.1f}" text-anchor="end">{guide}</text>')
     for kind, colour, hollow in (("ice", "#045a8d", False), ("capd", "#6a51a3", True)):
+        previous = None
         for r in tl.readings.get(kind, []):
             value = min(max(float(r.value), 0), 10) if kind == "ice" else min(float(r.value), 30) / 3
             cy = y + score_h - value / 10 * score_h
+            shown = f'<text x="{c.x(r.end) + 5:.1f}" y="{cy + 4:.1f}">{r.value}</text>' if r.value != previous else ""
+            previous = r.value  # the number only where it changes; every point names it on hover
             c.add(_focusable(f'<circle cx="{c.x(r.end):.1f}" cy="{cy:.1f}" r="3.5" fill="{"#fff" if hollow else colour}" '
-                             f'stroke="{colour}" stroke-width="1.5"/><text x="{c.x(r.end) + 5:.1f}" y="{cy + 4:.1f}">{r.value}</text>',
+                             f'stroke="{colour}" stroke-width="1.5"/>{shown}',
                              f"{r.label} at {_t(r.end, tl.zone)} ({r.reference})", "point",
                              f'data-kind="{kind}" data-time="{r.end.isoformat()}" data-value="{r.value}"'))
     marks = {"consciousness": "L", "seizure": "Sz", "motor_weakness": "M", "cerebral_edema": "E"}
@@ -296,7 +299,8 @@ def _axis(c: Canvas) -> None:
             c.add(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{bottom}" stroke="{"#888" if major else "#ddd"}" '
                   f'stroke-width="{1 if major else .6}"/>')
             label = moment.strftime("%d %b") if major else moment.strftime("%H:%M")
-            if major or c.px * step >= 30:
+            every = 1 if c.px * 24 >= 48 else 2 if c.px * 48 >= 48 else 7  # day labels that do not overlap
+            if (major and moment.toordinal() % every == 0) or (not major and c.px * step >= 30):
                 c.add(f'<text x="{x + 2:.1f}" y="14" style="{"font-weight:700" if major else ""}">{label}</text>')
         moment += timedelta(hours=1)
     if tl.start:
