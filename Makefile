@@ -4,7 +4,7 @@ VENV := .venv
 FHIR_VENV := .fhir-venv
 SEKMET_VERSION := 0.1.1
 
-.PHONY: install test fhir-server system-packages bench scaleout-bench clean
+.PHONY: install test fhir-server system-packages chromium bench scaleout-bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ system-packages:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$([ -x $(NGINX) ] || echo nginx) $$([ -x $(INITDB) ] || echo postgresql); \
 	fi
 
-test: install fhir-server system-packages
+
+# Debian's Chromium for the SMART app's browser test (Playwright drives it; never `playwright install`).
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
+test: install fhir-server system-packages chromium
 	CRS_CDS_SEKMET=$(FHIR_VENV)/bin/sekmet $(VENV)/bin/python -m pytest -q
 
 # Throughput, latency and memory under gunicorn against a bare Flask reference (benchmarks/README.md).

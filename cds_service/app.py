@@ -17,6 +17,7 @@ from .hooks.auth import Authenticator
 from .hooks.openapi import openapi_blueprint
 from .settings import Settings, SettingsError
 from .site import Sites
+from . import smart
 
 log = logging.getLogger("crs_cds")
 
@@ -173,6 +174,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     app.config["CRS_CDS"] = state
     app.register_blueprint(blueprint)
     app.register_blueprint(openapi_blueprint)  # GET /openapi.json, no client JWT (why: hooks/openapi.py)
+    # /smart/: the timeline app, read with the deployment's own site (a launch names a FHIR server,
+    # not a CDS client, so no client profile applies)
+    smart.init_app(app, settings, sites.default, sites.default.templates, state.fhir_client)
 
     @app.get("/healthz")
     def healthz():  # alive: the process answers

@@ -74,6 +74,14 @@ class Settings:
     worker_timeout_seconds: int = 30           # a worker silent this long is killed (and logged)
     # Card links
     guideline_url: str = "https://doi.org/10.1016/j.bbmt.2018.12.758"
+    # SMART timeline app (cds_service.smart)
+    smart_clients: dict[str, Any] = field(default_factory=dict)  # {"<iss>": {"client_id", ...}}
+    smart_link_enabled: bool = True            # the assessment card links to the app
+    smart_launch_url: str | None = None        # default: external_base_url + /smart/launch
+    smart_link_clients: list[str] = field(default_factory=list)  # CDS client iss given the link (empty: all)
+    smart_fhir_budget_seconds: float = 10.0    # all FHIR fetching for one timeline page
+    smart_fhir_max_pages: int = 50             # pages followed per search for the timeline
+    smart_cookie_samesite: str = "Lax"         # "None" (with https) when the EHR embeds the app in a frame
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,

@@ -12,6 +12,7 @@ from cds_service.clinical.facts import (
 )
 from cds_service.clinical.protocol import default_protocol
 from cds_service.hooks.registry import OBSERVATION_KEYS
+from cds_service.smart.timeline import SHOWN_VALUESETS
 from cds_service.scenarios import YESCARTA, Chart
 from cds_service.terminology import RXNORM, Terminology
 
@@ -24,6 +25,7 @@ def test_every_valueset_is_used_by_the_engine_a_profile_or_another_valueset():
     used = {vs for _, vs in OBSERVATION_VALUESETS} | set(MEDICATION_VALUESETS) | {vs for _, vs in DEVICE_TIERS}
     used |= {vs for valuesets in OBSERVATION_KEYS.values() for vs in valuesets} | {"oxygen-device-nasal-cannula"}
     used |= set(ICANS_ANSWER_VALUESETS.values())
+    used |= set(SHOWN_VALUESETS)  # the SMART timeline app's, shown only
     for path in PROFILES.glob("*.json"):
         text = path.read_text(encoding="utf-8")
         if '"resourceType": "ValueSet"' in text:

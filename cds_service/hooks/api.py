@@ -25,6 +25,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from ..errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, Unauthorized
 from ..metrics import record_call, record_refusal
 from .auth import AuthenticatedClient
+from .cards import add_app_link
 from .openapi import load_schema_file
 from .registry import SERVICES, SERVICES_BY_ID, gather, prefetch_templates
 
@@ -431,6 +432,10 @@ def call_service(service_id: str):
         call.quiet_when_normal = state.settings.quiet_when_normal
         call.protocol_url = protocol_url(state, req, site)
         cards = service.handler(call)
+        if state.settings.smart_link_enabled and cards and (
+                not state.settings.smart_link_clients or (client and client.iss in state.settings.smart_link_clients)):
+            add_app_link(cards, state.settings.smart_launch_url or
+                         f"{(state.settings.external_base_url or req.url_root).rstrip('/')}/smart/launch")
         # Written before the answer leaves: feedback on these cards may arrive at any instance.
         state.feedback.remember_cards(service_id, body["hookInstance"],
                                       [(card["uuid"], card["source"]["topic"]["code"]) for card in cards])

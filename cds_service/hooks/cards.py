@@ -306,6 +306,14 @@ def assessment_cards(assessment: Assessment, terminology: Terminology, quiet_whe
     return cards
 
 
+def add_app_link(cards: list[dict], url: str) -> None:
+    """The SMART timeline app as a ``smart`` link on the assessment card (the EHR adds iss and launch)."""
+    topic = card_templates()[ASSESSMENT].topic["code"]
+    for card in cards:
+        if card["source"]["topic"]["code"] == topic:
+            card.setdefault("links", []).append({"label": "CRS/ICANS timeline", "url": url, "type": "smart"})
+
+
 def finding_cards(recs: Iterable[Recommendation], assessment: Assessment, terminology: Terminology,
                   protocol_url: str | None = None, seen: set[str] | None = None) -> list[dict]:
     """One card per pitfall or order-check finding, holding only that pitfall (nothing the other
