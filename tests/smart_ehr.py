@@ -35,6 +35,7 @@ class FakeEhr:
         self.expires_in = 3600
         self.tamper_state = False
         self.confidential = False
+        self.app_context: str | None = None  # passed to the app in the token response, as EHRs do
         self.refuse: dict[str, int] = {}        # resource type (or "*") -> HTTP status for FHIR reads
         self.bad_tokens_seen = 0
 
@@ -142,8 +143,9 @@ class FakeEhr:
             return h._send(401, {"error": "invalid_client"})
         token = secrets.token_urlsafe(24)
         self.tokens[token] = issued["patient"]
+        context = {"appContext": self.app_context} if self.app_context else {}
         return h._send(200, {"access_token": token, "token_type": "Bearer", "expires_in": self.expires_in,
-                             "scope": issued["scope"], "patient": issued["patient"]},
+                             "scope": issued["scope"], "patient": issued["patient"], **context},
                        headers={"Cache-Control": "no-store"})
 
     def _fhir(self, h):

@@ -9,6 +9,7 @@ not a real EHR's server; it checks what a real one would refuse.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import time
 from datetime import datetime, timedelta, timezone
@@ -273,6 +274,10 @@ def test_the_assessment_card_links_to_the_app(tmp_path, serve_app, now):
                                        external_base_url="https://cds.example.org/crs")))
     cards = on.post("/cds-services/crs-icans-assessment", body).json()["cards"]
     links = [link for card in cards for link in card.get("links", []) if link["type"] == "smart"]
+    context = json.loads(links[0].pop("appContext"))   # the episode the card graded: the CAR-T infusion
+    iec = next(r for r in by_name("crs3-norepi-vaso").resources(now) if r.get("id", "").endswith("iec1"))
+    assert datetime.fromisoformat(context["episodeStart"]) == datetime.fromisoformat(
+        iec["effectivePeriod"]["start"].replace("Z", "+00:00"))
     assert links == [{"label": "CRS/ICANS timeline", "url": "https://cds.example.org/crs/smart/launch", "type": "smart"}]
     assert cards[0]["source"]["topic"]["code"] == "crsIcansAssessment" and links[0] in cards[0]["links"]
 
@@ -287,10 +292,23 @@ def test_the_assessment_card_links_to_the_app(tmp_path, serve_app, now):
     assert cards and not [link for card in cards for link in card.get("links", []) if link["type"] == "smart"]
 
     elsewhere = serve_app(create_app(Settings(feedback_db=str(tmp_path / "c.sqlite3"), auth_enabled=False,
-                                              smart_launch_url="https://apps.example.org/timeline/launch")))
+                                              smart_launch_url="https://apps.example.org/timeline/launch",
+                                              ehr="oracle-health")))
     cards = elsewhere.post("/cds-services/crs-icans-assessment", body).json()["cards"]
     assert {"label": "CRS/ICANS timeline", "url": "https://apps.example.org/timeline/launch",
-            "type": "smart"} in cards[0]["links"]
+            "type": "smart"} in cards[0]["links"]   # Oracle Health passes no appContext: none is sent
+
+
+def test_the_episode_the_card_named_is_said_when_a_newer_one_is_shown(ehr, page, serve_app, tmp_path, now):
+    app = serve_app(app_for(ehr, tmp_path))
+    ehr.app_context = json.dumps({"episodeStart": "2026-01-02T08:00:00+00:00"})
+    assert launch(page, app, ehr, "crs3-norepi-vaso").status == 200
+    assert "graded the episode that began" in page.inner_text("#other-episode")
+    iec = next(r for r in by_name("crs3-norepi-vaso").resources(now) if r.get("id", "").endswith("iec1"))
+    ehr.app_context = json.dumps({"episodeStart": iec["effectivePeriod"]["start"].replace("Z", "+00:00")})
+    page.context.clear_cookies()
+    assert launch(page, app, ehr, "crs3-norepi-vaso").status == 200
+    assert page.locator("#other-episode").count() == 0
 
 
 # -- the hour grades' memo --------------------------------------------------------------------------

@@ -434,8 +434,11 @@ def call_service(service_id: str):
         cards = service.handler(call)
         if state.settings.smart_link_enabled and cards and (
                 not state.settings.smart_link_clients or (client and client.iss in state.settings.smart_link_clients)):
+            # Oracle Health does not pass appContext to the app; elsewhere it names the episode graded.
+            context = (json.dumps({"episodeStart": call.episode_start.isoformat()}, separators=(",", ":"))
+                       if call.episode_start is not None and site.ehr != "oracle-health" else None)
             add_app_link(cards, state.settings.smart_launch_url or
-                         f"{(state.settings.external_base_url or req.url_root).rstrip('/')}/smart/launch")
+                         f"{(state.settings.external_base_url or req.url_root).rstrip('/')}/smart/launch", context)
         # Written before the answer leaves: feedback on these cards may arrive at any instance.
         state.feedback.remember_cards(service_id, body["hookInstance"],
                                       [(card["uuid"], card["source"]["topic"]["code"]) for card in cards])

@@ -306,12 +306,16 @@ def assessment_cards(assessment: Assessment, terminology: Terminology, quiet_whe
     return cards
 
 
-def add_app_link(cards: list[dict], url: str) -> None:
-    """The SMART timeline app as a ``smart`` link on the assessment card (the EHR adds iss and launch)."""
+def add_app_link(cards: list[dict], url: str, app_context: str | None = None) -> None:
+    """The SMART timeline app as a ``smart`` link on the assessment card (the EHR adds iss and
+    launch); ``app_context``, for EHRs that pass it to the app, names the episode the card graded."""
     topic = card_templates()[ASSESSMENT].topic["code"]
+    link = {"label": "CRS/ICANS timeline", "url": url, "type": "smart"}
+    if app_context:
+        link["appContext"] = app_context
     for card in cards:
         if card["source"]["topic"]["code"] == topic:
-            card.setdefault("links", []).append({"label": "CRS/ICANS timeline", "url": url, "type": "smart"})
+            card.setdefault("links", []).append(dict(link))
 
 
 def finding_cards(recs: Iterable[Recommendation], assessment: Assessment, terminology: Terminology,

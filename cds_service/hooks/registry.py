@@ -53,6 +53,7 @@ class HookCall:
     notes: dict = field(default_factory=dict)  # for the call's log line
     quiet_when_normal: bool = True             # no card for a normal in-scope patient
     protocol_url: str | None = None            # where the protocol document is served, for card links
+    episode_start: datetime | None = None      # the IEC episode graded (for the SMART link's appContext)
 
     @property
     def context(self) -> dict:
@@ -154,6 +155,8 @@ def _assess_or_412(call: HookCall) -> Assessment:
                                  + "; ".join(f"{u.reference}: {u.reason}" for u in assessment.unreadable))
     call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
     call.notes["read"] = assessment.reading or None
+    if assessment.situation is not None:
+        call.episode_start = assessment.situation.episode.start
     return assessment
 
 

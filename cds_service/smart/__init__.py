@@ -169,8 +169,17 @@ def timeline():
     built = build_timeline(resources, missing, unread, now, state.site, window, state.hours, session.iss)
     if built.patient_id == "?":
         built.patient_id = session.patient
+    built.card_episode = _moment(session.episode_start)
     status = 200 if built.start is not None or not built.medications_missing else 502
     response = Response(timeline_page(built, state.site.protocol.label), status=status, mimetype="text/html")
     response.headers["Cache-Control"] = "no-store"
     response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors *"
     return response
+
+
+def _moment(text: str | None) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+    return moment if moment is not None and moment.tzinfo is not None else None

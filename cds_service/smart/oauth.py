@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -164,6 +165,7 @@ class Session:
     access_token: str | None = field(default=None, repr=False)
     expires_at: float = 0.0
     scope: str | None = None
+    episode_start: str | None = None  # from the card link's appContext, when the EHR passed it
     touched: float = field(default_factory=time.time)
 
     @property
@@ -232,4 +234,15 @@ def sign_in(session: Session, iss: str, tokens: dict[str, Any]) -> None:
     session.patient = tokens["patient"]
     session.access_token = tokens["access_token"]
     session.scope = tokens.get("scope") if isinstance(tokens.get("scope"), str) else None
+    session.episode_start = _episode_named(tokens.get("appContext"))
     session.expires_at = time.time() + lifetime
+
+
+def _episode_named(app_context: Any) -> str | None:
+    """The episode start a card's appContext names (``{"episodeStart": ISO}``), else None."""
+    try:
+        named = json.loads(app_context) if isinstance(app_context, str) else None
+    except ValueError:
+        return None
+    start = named.get("episodeStart") if isinstance(named, dict) else None
+    return start if isinstance(start, str) and len(start) <= 40 else None

@@ -373,6 +373,9 @@ def timeline_page(tl: Timeline, protocol_label: str) -> str:
             else f"The last {tl.window_hours} hours (first IEC infusion {_t(tl.start, tl.zone)})")
     sub = (f'<p class="sub">{span}, {len(tl.hours)} hours; grades by the service\'s engine at each hour\'s end '
            f"({escape(protocol_label)}). Times in {tl.zone}.</p>")
+    if tl.card_episode is not None and abs((tl.card_episode - tl.start).total_seconds()) > 60:
+        sub += (f'<p class="now" id="other-episode">The card that opened this page graded the episode that began '
+                f"{_t(tl.card_episode, tl.zone)}; this is the latest, begun {_t(tl.start, tl.zone)}.</p>")
     windows = ('<nav class="windows noprint">Show: '
                + " ".join(f'<a href="?{q}"{" aria-current=page" if (tl.window_hours or None) == h else ""}>{label}</a>'
                           for q, h, label in (("", None, "whole episode"), ("hours=72", 72, "last 72 h"),

@@ -73,6 +73,7 @@ class Timeline:
     unreadable: list[Unreadable] = field(default_factory=list)
     no_episode_reason: str | None = None
     patient_name: str | None = None
+    card_episode: datetime | None = None      # the episode the card that opened the app graded (appContext)
 
     @property
     def medications_missing(self) -> bool:
