@@ -3,12 +3,18 @@
 ``generator.run(url, body_path, connections, seconds, marker)`` POSTs one JSON body for a fixed time
 and returns a :class:`LoadResult`. Every generator counts answers that are not 200; wrk and the
 Python generator also count 200 answers whose body holds ``marker`` (a degraded answer).
+
+A ``body_path`` ending in ``.list`` is a rotation: body files, one a line, sent in turn; wherever a
+body holds CALL_TAG, each call writes a value of its own there (``call_tags``), so that no two calls
+send the same ids. wrk (post.lua) and the Python generator do both; hey sends the first body only.
 """
 from __future__ import annotations
 
 import http.client
+import itertools
 import os
 import re
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -20,6 +26,22 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 WRK_SCRIPT = Path(__file__).with_name("post.lua")
+CALL_TAG = "CALLTAG0"   # in a rotation's bodies: replaced at each call (letters and digits, valid in FHIR ids)
+_RUNS = itertools.count(1)
+_PROCESS = secrets.token_hex(2)
+
+
+def run_seed() -> str:
+    """A prefix no other load run of this benchmark uses, for its calls' tags."""
+    return f"r{_PROCESS}x{next(_RUNS)}"
+
+
+def is_rotation(body_path: Path) -> bool:
+    return body_path.suffix == ".list"
+
+
+def rotation_paths(body_path: Path) -> list[Path]:
+    return [Path(line) for line in body_path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @dataclass
@@ -80,6 +102,8 @@ class Wrk(LoadGenerator):
     def run(self, url, body_path, connections, seconds, marker=None):
         threads = min(2, connections)
         env = dict(os.environ, BENCH_BODY=str(body_path), BENCH_MARKER=marker or "")
+        if is_rotation(body_path):
+            env.update(BENCH_BODIES=str(body_path), BENCH_TAG=CALL_TAG, BENCH_SEED=run_seed())
         output = _run_tool(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
                             "--latency", "--timeout", "30s", "-s", str(WRK_SCRIPT), url], env, seconds)
         found = re.search(r"^BENCH (.*)$", output, re.MULTILINE)
@@ -101,6 +125,10 @@ class Hey(LoadGenerator):
     name = "hey"
 
     def run(self, url, body_path, connections, seconds, marker=None):
+        if is_rotation(body_path):  # hey sends one body: the rotation's first, tagged once
+            first = rotation_paths(body_path)[0]
+            body_path = first.with_name(first.stem + "-hey.json")
+            body_path.write_text(first.read_text(encoding="utf-8").replace(CALL_TAG, run_seed()), encoding="utf-8")
         output = _run_tool(["hey", "-z", f"{max(1, round(seconds))}s", "-c", str(connections), "-m", "POST",
                             "-T", "application/json", "-D", str(body_path), "-t", "30", url], None, seconds)
 
@@ -134,9 +162,10 @@ class PythonLoad(LoadGenerator):
              count: int | None = None, marker: str | None = None) -> LoadResult:
         """POST the body for ``seconds``, or exactly ``count`` times, over ``connections`` threads."""
         parts = urlsplit(url)
-        body = body_path.read_bytes()
+        paths = rotation_paths(body_path) if is_rotation(body_path) else [body_path]
+        bodies = [path.read_bytes().split(CALL_TAG.encode()) for path in paths]
+        seed = run_seed().encode()
         needle = marker.encode() if marker else None
-        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
         lock = threading.Lock()
         latencies: list[float] = []
         tally = {"issued": 0, "bad": 0, "degraded": 0, "errors": 0}
@@ -153,10 +182,15 @@ class PythonLoad(LoadGenerator):
                     return True
             return time.monotonic() < deadline
 
-        def worker() -> None:
+        def worker(number: int) -> None:
             connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
             mine: list[float] = []
+            turn = number * len(bodies) // connections
             while another():
+                pieces = bodies[turn % len(bodies)]
+                turn += 1
+                body = pieces[0] if len(pieces) == 1 else (b"%st%dn%d" % (seed, number, turn)).join(pieces)
+                headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
                 begun = time.perf_counter()
                 try:
                     connection.request("POST", parts.path, body, headers)
@@ -179,7 +213,7 @@ class PythonLoad(LoadGenerator):
             with lock:
                 latencies.extend(mine)
 
-        workers = [threading.Thread(target=worker, daemon=True) for _ in range(connections)]
+        workers = [threading.Thread(target=worker, args=(number,), daemon=True) for number in range(connections)]
         for thread in workers:
             thread.start()
         for thread in workers:

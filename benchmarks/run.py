@@ -5,8 +5,8 @@
 
 Steps: install what is missing (wrk, else hey, else a Python generator; gunicorn; sekmet-fhir), build
 the request bodies (benchmarks/workloads.py), start sekmet, the service and the reference under the
-same gunicorn settings on 127.0.0.1, check every answer once, measure each workload against the
-reference with the same body, time the service's FHIR queries against sekmet, measure memory drift
+same gunicorn settings on 127.0.0.1, check every answer once (every body of a rotation: B-cold,
+Mix), measure each workload against the reference with the same bodies, at 16 and at 1 connection, time the service's FHIR queries against sekmet, measure memory drift
 over many calls, stop everything, print a markdown report and write it to benchmarks/results.md.
 Read benchmarks/README.md for what is measured and why.
 """
@@ -46,7 +46,10 @@ TARGETS = {  # as printed; _verdict() applies them
     "B": "≥ 50% of reference, p99 ≤ 50 ms",
     "C": "≥ 70% of reference",
     "D": "p50 ≤ 1.3 × slowest FHIR query",
+    "B-cold": "p50 at 1 conn ≤ 3 × reference's",
+    "Mix": "none (reported)",
 }
+COLD_TARGET = 3.0  # B-cold's p50 at 1 connection ÷ the reference's for the same bodies
 MEMORY_TARGET = 10.0  # % drift
 
 
@@ -432,6 +435,9 @@ def preflight(workloads, service: Gunicorn, reference: Gunicorn, notes: list[str
 
     summaries, latencies = {}, {}
     for workload in workloads:
+        if workload.rotation:
+            latencies[workload.name] = _preflight_rotation(workload, service, reference, summaries.get("B"))
+            continue
         data = workload.path.read_bytes()
         for server in (reference, service):
             started = time.perf_counter()
@@ -460,6 +466,40 @@ def preflight(workloads, service: Gunicorn, reference: Gunicorn, notes: list[str
         raise BenchmarkError("workload D (data from fhirServer) got other cards than B (same data prefetched):\n"
                              f"  B: {summaries['B']}\n  D: {summaries['D']}")
     return latencies
+
+
+def _preflight_rotation(workload, service: Gunicorn, reference: Gunicorn, b_cards: list[str] | None) -> float:
+    """Every body of a rotation once to the service, its tag made a value of its own: 200, no card
+    for an out-of-scope chart, B's cards for a copy of B, nothing "could not be read"; the first
+    body to the reference too. Returns the service's mean latency in seconds."""
+    import requests
+
+    from workloads import with_call_tag
+
+    elapsed, in_scope = [], 0
+    for number, (path, cards_wanted) in enumerate(zip(loadgen.rotation_paths(workload.path), workload.variant_cards)):
+        data = with_call_tag(path.read_text(encoding="utf-8"), f"check{number}").encode()
+        for server in ((reference, service) if number == 0 else (service,)):
+            started = time.perf_counter()
+            response = requests.post(server.base_url + workload.url_path, data=data, timeout=60,
+                                     headers={"Content-Type": "application/json"})
+            if response.status_code != 200:
+                raise BenchmarkError(f"workload {workload.name}, body {number}: {server.name} answered "
+                                     f"{response.status_code}: {response.text[:1500]}")
+        elapsed.append(time.perf_counter() - started)
+        cards = [card["summary"] for card in response.json().get("cards") or []]
+        if DEGRADED_MARKER in response.text:
+            raise BenchmarkError(f"workload {workload.name}, body {number}: the answer says some data "
+                                 f"{DEGRADED_MARKER} ({_degraded_reason(response.text)})")
+        if not cards_wanted and cards:
+            raise BenchmarkError(f"workload {workload.name}, body {number}: expected no card, got {cards}")
+        if cards_wanted and (not cards or (b_cards is not None and cards != b_cards)):
+            raise BenchmarkError(f"workload {workload.name}, body {number} (a copy of B with new ids): other "
+                                 f"cards than B's:\n  B: {b_cards}\n  this: {cards}")
+        in_scope += bool(cards_wanted)
+    say(f"  {workload.name}: {len(elapsed)} bodies, each 200 as expected ({in_scope} with B's cards, "
+        f"{len(elapsed) - in_scope} out of scope), {statistics.mean(elapsed) * 1000:.0f} ms on average")
+    return statistics.mean(elapsed)
 
 
 def _degraded_reason(text: str) -> str:
@@ -501,6 +541,7 @@ class WorkloadStats:
     service: list[loadgen.LoadResult] = field(default_factory=list)
     reference: list[loadgen.LoadResult] = field(default_factory=list)
     single: list[loadgen.LoadResult] = field(default_factory=list)  # the service at 1 connection
+    reference_single: list[loadgen.LoadResult] = field(default_factory=list)  # the reference at 1 connection
     peak_rss_kb: int = 0
     foreign_cpu: float = 0.0  # the most CPU other processes took during one of its timed runs, in %
 
@@ -539,6 +580,24 @@ class WorkloadStats:
     @property
     def single_p99(self) -> float:
         return self.median([r.p99_ms for r in self.single])
+
+    @property
+    def reference_single_p50(self) -> float:
+        return self.median([r.p50_ms for r in self.reference_single])
+
+    @property
+    def reference_single_p99(self) -> float:
+        return self.median([r.p99_ms for r in self.reference_single])
+
+    @property
+    def single_ratio(self) -> float:
+        """The service's p50 at 1 connection ÷ the reference's, per run, median."""
+        return self.median([s.p50_ms / r.p50_ms for s, r in zip(self.single, self.reference_single) if r.p50_ms])
+
+    @property
+    def p50_ratio(self) -> float:
+        """The service's p50 at 16 connections ÷ the reference's, per run, median."""
+        return self.median([s.p50_ms / r.p50_ms for s, r in zip(self.service, self.reference) if r.p50_ms])
 
     def answers(self) -> str:
         """'all 200, complete', or what went wrong in the service's timed runs at 16 and at 1 connection."""
@@ -657,11 +716,13 @@ def measure_workloads(generator, results: Results, service: Gunicorn, reference:
             entry.reference.append(timed(reference, CONNECTIONS, seconds, None, "reference"))
             entry.service.append(timed(service, CONNECTIONS, seconds, DEGRADED_MARKER, "service"))
             entry.single.append(timed(service, 1, single_seconds, DEGRADED_MARKER, "service at 1 connection"))
+            entry.reference_single.append(timed(reference, 1, single_seconds, None, "reference at 1 connection"))
             entry.peak_rss_kb = max([entry.peak_rss_kb, *service.memory_kb("VmHWM").values()])
             last, base = entry.service[-1], entry.reference[-1]
             say(f"  run {run} {workload.name}: {last.rps:8.1f} req/s vs reference {base.rps:8.1f} "
                 f"({last.rps / base.rps:.0%}), p50 {last.p50_ms:.1f} ms, p99 {last.p99_ms:.1f} ms, "
-                f"1 connection p50 {entry.single[-1].p50_ms:.1f} ms; answers at 16 connections: "
+                f"1 connection p50 {entry.single[-1].p50_ms:.1f} ms (reference "
+                f"{entry.reference_single[-1].p50_ms:.1f} ms); answers at 16 connections: "
                 f"{_answers([last])}, at 1: {_answers(entry.single[-1:])}")
 
 
@@ -798,6 +859,10 @@ def _verdict(name: str, entry: WorkloadStats, results: Results) -> str:
         return _mark(entry.ratio >= 0.50 and entry.p99 <= 50)
     if name == "C":
         return _mark(entry.ratio >= 0.70)
+    if name == "B-cold":
+        return _mark(entry.single_ratio <= COLD_TARGET) + f" ({entry.single_ratio:.2f}×)"
+    if name == "Mix":
+        return "—"
     ratio = _query_ratio(results)
     return "not measured" if ratio is None else _mark(ratio <= 1.3)
 
@@ -816,22 +881,27 @@ def render_report(results: Results) -> str:
         "machine: compare ratios, not absolute numbers.",
         "",
         "| Workload | Body | Service req/s | Reference req/s (same body) | Ratio | p50 ms | p99 ms "
-        "| Reference p99 ms | p50 / p99 ms at 1 conn | Peak RSS/worker | Answers | Target | Result |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        "| Reference p99 ms | p50 / p99 ms at 1 conn | Reference p50 / p99 ms at 1 conn | Peak RSS/worker "
+        "| Answers | Target | Result |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for workload in results.workloads:
         entry = results.stats.get(workload.name)
         if entry is None or not entry.service:
-            lines.append(f"| {workload.name}: {workload.title} | {_kb(workload.size)} |" + " |" * 9
+            lines.append(f"| {workload.name}: {workload.title} | {_body_size(workload)} |" + " |" * 10
                          + f" {TARGETS[workload.name]} | not measured |")
             continue
         single = f"{entry.single_p50:,.1f} / {entry.single_p99:,.1f}" if entry.single else ""
+        reference_single = (f"{entry.reference_single_p50:,.1f} / {entry.reference_single_p99:,.1f}"
+                            if entry.reference_single else "")
         lines.append(
-            f"| {workload.name}: {workload.title} | {_kb(workload.size)} | {entry.rps:,.1f} | "
+            f"| {workload.name}: {workload.title} | {_body_size(workload)} | {entry.rps:,.1f} | "
             f"{entry.reference_rps:,.1f} | {entry.ratio:.0%} | {entry.p50:,.1f} | {entry.p99:,.1f} | "
-            f"{entry.reference_p99:,.1f} | {single} | {entry.peak_rss_kb / 1024:,.0f} MB | {entry.answers()} | "
+            f"{entry.reference_p99:,.1f} | {single} | {reference_single} | {entry.peak_rss_kb / 1024:,.0f} MB | "
+            f"{entry.answers()} | "
             f"{TARGETS[workload.name]} | {_verdict(workload.name, entry, results)} |")
     lines += ["", f"p50/p99 at {CONNECTIONS} connections unless marked; Ratio = service req/s ÷ reference req/s."]
+    lines += _cold_lines(results)
     lines += _query_lines(results)
     lines += _memory_lines(results)
     measured = any(entry.service for entry in results.stats.values())
@@ -839,6 +909,43 @@ def render_report(results: Results) -> str:
     if notes:
         lines += ["", "Notes:", *[f"- {note}" for note in notes]]
     return "\n".join(lines) + "\n"
+
+
+def _body_size(workload) -> str:
+    return f"{_kb(workload.size)} (mean of {len(workload.variants)})" if workload.rotation else _kb(workload.size)
+
+
+def _cold_lines(results: Results) -> list[str]:
+    """B-cold against the reference for the same bodies (the target) and against B; Mix."""
+    cold, warm, mix = (results.stats.get(name) for name in ("B-cold", "B", "Mix"))
+    if cold is None or not cold.single or not cold.reference_single:
+        return []
+    ratio = cold.single_ratio
+    runs = ", ".join(f"{s.p50_ms / r.p50_ms:.2f}" for s, r in zip(cold.single, cold.reference_single) if r.p50_ms)
+    line = (f"**Cold B**: B-cold's p50 at 1 connection is {cold.single_p50:.1f} ms, the reference's for the same "
+            f"bodies {cold.reference_single_p50:.1f} ms (medians); measured back to back in each run, "
+            f"service ÷ reference: {runs}, median **{ratio:.2f}×** (target ≤ {COLD_TARGET:.0f}×: "
+            f"{'met' if ratio <= COLD_TARGET else '**not met**'}); at {CONNECTIONS} connections "
+            f"{cold.p50:.1f} against {_median_p50(cold.reference):.1f} ms "
+            f"({cold.p50_ratio:.2f}×, mostly queueing).")
+    if warm is not None and warm.single:
+        line += (f" The same chart reopened (B): p50 at 1 connection {warm.single_p50:.1f} ms "
+                 f"({warm.single_ratio:.2f}× its reference), throughput {warm.ratio:.0%} of the reference against "
+                 f"B-cold's {cold.ratio:.0%}; cold ÷ warm p50 at 1 connection: "
+                 f"{cold.single_p50 / warm.single_p50:.2f}.")
+    lines = ["", line]
+    if mix is not None and mix.single:
+        runs = ", ".join(f"{s.rps / r.rps:.0%}" for s, r in zip(mix.service, mix.reference) if r.rps)
+        lines += ["", f"**Mix**: {mix.ratio:.0%} of the reference's throughput for the same bodies (runs: {runs}); "
+                  "p50 / p99 at "
+                  f"1 connection {mix.single_p50:.1f} / {mix.single_p99:.1f} ms (reference "
+                  f"{mix.reference_single_p50:.1f} / {mix.reference_single_p99:.1f} ms), at {CONNECTIONS} "
+                  f"connections {mix.p50:.1f} / {mix.p99:.1f} ms (reference p99 {mix.reference_p99:.1f} ms)."]
+    return lines
+
+
+def _median_p50(results: list[loadgen.LoadResult]) -> float:
+    return statistics.median([r.p50_ms for r in results])
 
 
 def _foreign_cpu_note(results: Results) -> str:
