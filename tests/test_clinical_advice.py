@@ -230,6 +230,71 @@ def test_a_weaker_running_regimen_gets_the_escalation_as_an_order():
     assert steroid.order.agent == "methylprednisolone" and steroid.title.startswith("Escalate to")
 
 
+METHYLPREDNISOLONE = Drug("methylprednisolone sodium succinate injection", "systemic-corticosteroids")
+
+
+@pytest.mark.parametrize("story, doses, grade, title, ordered", [
+    # Dexamethasone 10 mg every 12 h at CRS 3: the weaker regimen; escalate to every 6 h, with an order.
+    ("q12h running", [(DEXAMETHASONE, 15, 10), (DEXAMETHASONE, 3, 10)], 3,
+     "Escalate to dexamethasone 10 mg IV every 6 h", True),
+    # Methylprednisolone 1000 mg given at CRS 3: stronger than dexamethasone q6h; continue it, no second steroid.
+    ("MP 1000 running", [(METHYLPREDNISOLONE, 4, 1000)], 3, "Continue methylprednisolone 1000 mg IV daily", False),
+    # Methylprednisolone 500 mg q12h at ICANS 4 (MP 1000 daily recommended): ranked higher; continue it.
+    ("MP 500 q12h running", [(METHYLPREDNISOLONE, 14, 500), (METHYLPREDNISOLONE, 2, 500)], "icans4",
+     "Continue methylprednisolone 500 mg IV every 12 h for 3 days", False),
+    # Dexamethasone q6h, the next dose 30 minutes late: still the same regimen, no duplicate order.
+    ("q6h, next dose late", [(DEXAMETHASONE, 12.5, 10), (DEXAMETHASONE, 6.5, 10)], 3,
+     "Continue dexamethasone 10 mg IV every 6 h", False),
+])
+def test_a_running_steroid_regimen_is_continued_only_when_at_least_as_strong(story, doses, grade, title, ordered):
+    c = chart()
+    c.temp(39.0, hours_ago=20)   # the fever before the steroids: they treat CRS/ICANS
+    if grade == "icans4":
+        c.consciousness("unarousable", hours_ago=1)
+    else:
+        with_crs(c, grade, hours_ago=1)
+    for drug, hours_ago, mg in doses:
+        c.give(drug, hours_ago=hours_ago, dose_mg=mg)
+    steroid = rec(assess(c.resources, NOW), "corticosteroid")
+    assert steroid.title == title, story
+    assert (steroid.order is not None) == ordered, story
+
+
+def test_crs_2_dexamethasone_only_when_hypotension_persists_after_tocilizumab():
+    """Hypotension only before the dose, then a normal pressure: no steroid; still low after: the order."""
+    def crs2(after_sbp: int):
+        c = chart()
+        c.temp(38.8, hours_ago=4)
+        c.bp(84, 50, hours_ago=3.5)
+        c.give(TOCILIZUMAB, hours_ago=3, dose_mg=560)
+        c.bp(after_sbp, 60, hours_ago=1)
+        return assess(c.resources, NOW)
+    recovered = crs2(112)
+    assert recovered.crs.value == 2 and rec(recovered, "corticosteroid") is None
+    persisting = crs2(86)
+    assert persisting.crs.value == 2 and rec(persisting, "corticosteroid").order.agent == "dexamethasone"
+
+
+def test_fever_over_3_days_is_a_continuing_course_not_the_first_fever_ever():
+    def fevers(*hours_ago: float):
+        c = chart(days=6)
+        for hours in hours_ago:
+            c.temp(38.6, hours_ago=hours)
+        toci = rec(assess(c.resources, NOW), "tocilizumab")
+        return toci is not None and toci.order is not None
+    assert not fevers(100, 1)                    # a fever 4 days ago, none since, one now
+    assert fevers(100, 80, 60, 40, 20, 1)        # febrile every day for over 3 days
+
+
+@pytest.mark.parametrize("age, weight, adult_dose", [(3, 12, False), (45, 70, True), (None, 30, False)])
+def test_refractory_anakinra_at_the_adult_fixed_dose_only_for_adults(age, weight, adult_dose):
+    c = with_crs(chart(age=age, weight=weight), 3, hours_ago=1)
+    for hours in (30, 21, 12, 3):
+        c.give(TOCILIZUMAB, hours_ago=hours, dose_mg=8 * weight)
+    text = " ".join(rec(assess(c.resources, NOW), "refractory-crs").detail)
+    assert ("anakinra 100 mg" in text) == adult_dose and ("pediatric protocol" in text) != adult_dose
+
+
 def test_the_crs_4_order_runs_3_days_and_the_taper_is_text():
     from cds_service.hooks.cards import medication_request
 
@@ -294,10 +359,11 @@ def test_no_antifungal_advice_for_a_bispecifics_required_premedication():
 
 def test_crs_1_conditional_text_not_shown_when_the_trigger_is_met():
     c = chart(days=6)
-    c.temp(38.6, hours_ago=80)
+    for hours in (80, 60, 40, 20):   # febrile every day for over 3 days
+        c.temp(38.6, hours_ago=hours)
     c.temp(38.4, hours_ago=1)
     a = assess(c.resources, NOW)
-    assert rec(a, "tocilizumab").detail[0].startswith("For CRS grade 1 with fever since")
+    assert rec(a, "tocilizumab").detail[0].startswith("Tocilizumab indicated: CRS grade 1 with fever since")
     assert not any(d.startswith("Tocilizumab if fever") for d in rec(a, "crs-management").detail)
 
 

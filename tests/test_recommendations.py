@@ -122,7 +122,8 @@ def test_crs_1_supportive_care_and_no_tocilizumab_without_a_trigger():
 
 def test_crs_1_fever_over_3_days_triggers_tocilizumab():
     c = chart(days=6)
-    c.temp(38.6, hours_ago=80)
+    for hours in (80, 60, 40, 20):   # febrile every day for over 3 days
+        c.temp(38.6, hours_ago=hours)
     c.temp(38.4, hours_ago=1)
     toci = rec(assess(c.resources, NOW), "tocilizumab")
     assert toci.order and "over 3 days" in toci.detail[0]

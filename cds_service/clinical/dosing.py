@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from .model import DrugEvent, MedicationOrder, Reading
+from .protocol import Protocol
 from .scope import Situation
 
 
@@ -175,3 +176,11 @@ def levetiracetam_text(s: Situation) -> str:
                 f"{rules['max_mg']:g} mg a dose; {label}); weigh the patient")
     dose, how = _per_kg(s, rules["pediatric_mg_per_kg"], float(rules["max_mg"]), weight)
     return f"levetiracetam {dose:g} mg BID ({how}; {label})"
+
+
+def refractory_first_options(protocol: Protocol, s: Situation | None) -> list[str]:
+    """The first options for refractory CRS. Anakinra's fixed dose is an adult's: a child, or a
+    patient who may be one (or whose chart was not graded), is told the pediatric protocol's dose.
+    Source: decisions.md 5 (refractory CRS; children), reference.md 3d."""
+    child = is_child(s) if s is not None else None
+    return protocol["refractory_options"]["first" if child is False else "first_child"]

@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 
 from ..terminology import Terminology, load_terminology
 from .assess import assess
-from .dosing import tocilizumab_dose, tocilizumab_history
+from .dosing import refractory_first_options, tocilizumab_dose, tocilizumab_history
 from .facts import MEDICATION_VALUESETS
 from .fhir_read import UnreadableValue, medication_concept, quantity_in, resource_key
 from .model import Assessment, MedicationOrder, Recommendation, clock
@@ -163,7 +163,8 @@ def tocilizumab_order(order: DraftOrder, assessment: Assessment, protocol: Proto
     sources = list(rules["source"]) if isinstance(rules["source"], list) else [rules["source"]]
     if history.limit:
         options = protocol["refractory_options"]
-        detail.append("Refractory CRS options instead: " + " or ".join(options["first"]) + "; then "
+        first = refractory_first_options(protocol, assessment.situation)
+        detail.append("Refractory CRS options instead: " + " or ".join(first) + "; then "
                       + ", ".join(options["then"]) + f" ({options['then_text']}).")
         return [Recommendation("tocilizumab-order-check", "warning", "Tocilizumab order: " + problems[0],
                                detail, protocol.cite(sources + ["asco"]) + "; " + protocol.rule("tocilizumab.max_doses_per_episode" if history.at_episode_limit

@@ -8,12 +8,12 @@ protocol by the protocol's name, version and rule.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from .crs import pressure_kind
+from .crs import low_map, pressure_kind, sbp_threshold
 from .dosing import (
-    SteroidDose, TocilizumabDose, TocilizumabHistory, is_child, levetiracetam_text, steroid_dose, tocilizumab_dose,
-    tocilizumab_history,
+    SteroidDose, TocilizumabDose, TocilizumabHistory, is_child, levetiracetam_text, refractory_first_options,
+    steroid_dose, tocilizumab_dose, tocilizumab_history,
 )
 from .model import DrugEvent, Grade, MedicationOrder, Reading, Recommendation
 from .scope import Situation
@@ -90,16 +90,23 @@ def _abnormal(s: Situation, reading: Reading) -> bool:
 # ---- CRS grade 1: when tocilizumab is indicated ------------------------------------------------------
 
 def crs1_tocilizumab_trigger(s: Situation) -> str | None:
-    """When CRS is grade 1 and fever has lasted more than 3 days, or temperature >= 39 °C has
-    lasted more than 10 h despite acetaminophen, then tocilizumab is indicated (significant
-    comorbidity is the clinician's call).  Source: ASCO 2021; NCCN; decisions.md 5 (CRS 1)."""
+    """When CRS is grade 1 and fever has lasted more than 3 days (febrile every day of it), or
+    temperature >= 39 °C has lasted more than 10 h despite acetaminophen, then tocilizumab is
+    indicated (significant comorbidity is the clinician's call).  Source: ASCO 2021; NCCN; decisions.md 5 (CRS 1)."""
     rules = s.protocol["crs_grade_1_tocilizumab_triggers"]
     threshold = s.protocol["fever_threshold_celsius"]
     temps = sorted((r for r in s.facts.of_kind("temperature") if s.episode.start <= r.end <= s.now),
                    key=lambda r: r.end)
     fevers = [r for r in temps if r.value >= threshold]
-    if fevers and s.now - fevers[0].end > timedelta(days=rules["fever_days_over"]):
-        return f"fever since {s.at(fevers[0].end)} (over {rules['fever_days_over']} days)"
+    # The fever's present course: back from the latest fever, while no day (the fever window) passes
+    # without one. A fever that ended days ago and a new one now are two courses, not one.
+    course_start = fevers[-1].end if fevers else None
+    for earlier in reversed(fevers[:-1]):
+        if course_start - earlier.end > s.protocol.window("fever"):
+            break
+        course_start = earlier.end
+    if course_start is not None and s.now - course_start > timedelta(days=rules["fever_days_over"]):
+        return f"fever since {s.at(course_start)} (over {rules['fever_days_over']} days)"
     acetaminophen = [d.start for d in s.facts.drugs_in("antipyretics") if d.agent == "acetaminophen"]
     if acetaminophen:
         run_start = None
@@ -278,7 +285,8 @@ def tocilizumab(s: Situation, plan: Plan) -> list[Recommendation]:
     dose = plan.dose
     order = MedicationOrder("tocilizumab", dose.dose_mg, "IV", None, f"tocilizumab {dose.dose_mg:g} mg {rules['route']}")
     cap = f", capped at {rules['max_dose_mg']:g} mg" if dose.capped else ""
-    why = f"For {plan.tocilizumab_indicated}: " if plan.crs < 2 else ""
+    # CRS 1: the trigger that was met, never the conditional rule (decisions.md 5, CRS 1).
+    why = f"Tocilizumab indicated: {plan.tocilizumab_indicated}. " if plan.crs < 2 else ""
     detail = [f"{why}{dose.mg_per_kg:g} mg/kg x {dose.weight.value:g} kg ({s.at(dose.weight.end)}) = "
               f"{dose.unrounded_mg:g} mg{cap}; {rules['route']}.", limits] + young + given
     return [_rec(s, "tocilizumab", urgent, f"Give tocilizumab {dose.dose_mg:g} mg IV now", detail, source,
@@ -292,7 +300,8 @@ def _steroid_reasons(s: Situation, plan: Plan, crs: Grade | None) -> list[tuple[
     if crs_entry and crs_entry.get("steroid"):
         if crs_entry.get("steroid_when") != "hypotension_after_tocilizumab":
             reasons.append((crs_entry["steroid"], f"CRS grade {plan.crs}"))
-        elif crs is not None and crs.components.get("hypotension", 0) >= 2 and plan.history.episode_doses:
+        elif (crs is not None and crs.components.get("hypotension", 0) >= 2 and plan.history.episode_doses
+              and hypotension_since(s, plan.history.episode_doses[-1].start)):
             reasons.append((crs_entry["steroid"], f"CRS grade {plan.crs} with hypotension after "
                                                   f"{_doses(len(plan.history.episode_doses))} of tocilizumab"))
     icans_entry = s.protocol["icans_management"].get(str(plan.icans)) if plan.icans else None
@@ -303,16 +312,52 @@ def _steroid_reasons(s: Situation, plan: Plan, crs: Grade | None) -> list[tuple[
     return reasons
 
 
-def running_regimen(s: Situation, dose: SteroidDose) -> DrugEvent | None:
-    """When the same drug was given at the same or a higher dose within the regimen's interval,
-    then the regimen is already being given: continue it, order nothing.
-    Source: decisions.md 5 (rev. 2, no duplicate orders)."""
-    if dose.dose_mg is None:
+def hypotension_since(s: Situation, moment: datetime) -> bool:
+    """Whether hypotension persists after ``moment`` (a tocilizumab dose): a systolic pressure
+    below the age threshold, a documented low MAP, or a vasopressor running, charted after it.
+    Source: decisions.md 5 (CRS 2: dexamethasone if hypotension persists after tocilizumab)."""
+    threshold, _, _ = sbp_threshold(s)
+    low = [r for r in s.readings("sbp", "hypotension") if r.value < threshold] + low_map(s)
+    pressors = s.drugs("vasopressors", moment) + s.drugs("vasopressin", moment)
+    return any(r.end > moment for r in low) or any(d.end > moment for d in pressors)
+
+
+def running_regimen(s: Situation, chosen: str) -> tuple[SteroidDose, DrugEvent] | None:
+    """When a regimen at least as strong as the one recommended (by the protocol's rank) is being
+    given, then continue it and order nothing: a regimen is being given when its drug was given at
+    its dose or more, the last dose within its interval (plus ``steroid_regimen_grace_hours``) and,
+    when an earlier dose was given, the two no further apart. The regimen to continue is, per drug,
+    the one the doses match most closely, and of those the strongest; a weaker one running gets
+    the escalation as an order.
+    Source: decisions.md 5 (rev. 2, orders are bounded and never duplicated)."""
+    regimens = s.protocol["steroid_regimens"]
+    grace = timedelta(hours=s.protocol["steroid_regimen_grace_hours"])
+    given = sorted(s.facts.drugs_in("systemic-corticosteroids"), key=lambda d: d.start)
+    found = []
+    for key, regimen in regimens.items():
+        if regimen["rank"] < regimens[chosen]["rank"]:
+            continue
+        dose = steroid_dose(s, key)
+        if dose.dose_mg is None:
+            continue
+        interval = timedelta(hours=dose.every_hours) + grace
+        doses = [d for d in given if d.agent == dose.drug and d.start <= s.now
+                 and (d.dose_mg or 0) >= dose.dose_mg - 1e-6]
+        if not doses or s.now - doses[-1].start > interval:
+            continue
+        if len(doses) >= 2 and doses[-1].start - doses[-2].start > interval:
+            continue  # given less often than this regimen
+        found.append((regimen["rank"], dose, doses[-1]))
+    # Per drug, the regimen the doses given match most closely (a single 1000 mg methylprednisolone
+    # dose is "1000 mg daily", not "500 mg every 12 h"); of those, the strongest.
+    closest: dict[str, tuple] = {}
+    for rank, dose, last in found:
+        if dose.drug not in closest or (dose.dose_mg, rank) > (closest[dose.drug][1].dose_mg, closest[dose.drug][0]):
+            closest[dose.drug] = (rank, dose, last)
+    if not closest:
         return None
-    since = s.now - timedelta(hours=dose.every_hours)
-    given = [d for d in s.facts.drugs_in("systemic-corticosteroids")
-             if d.agent == dose.drug and since <= d.start <= s.now and (d.dose_mg or 0) >= dose.dose_mg - 1e-6]
-    return max(given, key=lambda d: d.start, default=None)
+    _, dose, last = max(closest.values(), key=lambda item: item[0])
+    return dose, last
 
 
 def corticosteroid(s: Situation, plan: Plan, crs: Grade) -> list[Recommendation]:
@@ -342,14 +387,16 @@ def corticosteroid(s: Situation, plan: Plan, crs: Grade) -> list[Recommendation]
         detail.append("Continue until grade <= 1, then taper.")
     sources = sorted({src for key, _ in reasons for src in _regimen_sources(s, plan, key)})
     indicator = "critical" if max(plan.crs, plan.icans) >= 3 else "warning"
-    running = running_regimen(s, dose)
+    running = running_regimen(s, chosen)
     if dose.order is not None and dose.order.text != dose.text:
         detail.insert(0, dose.text[len(dose.order.text):].strip(" ()") + ".")  # the pediatric computation
     rule = f"steroid_regimens.{chosen}"
     if running is not None:
-        return [_rec(s, "corticosteroid", indicator, f"Continue {dose.order.text}",
-                     [f"{running.label} given {s.at(running.start)}."] + detail, sources, rule,
-                     evidence=[running.evidence()])]
+        continued, last = running
+        text = continued.order.text if continued.order is not None else continued.text
+        return [_rec(s, "corticosteroid", indicator, f"Continue {text}",
+                     [f"{last.label} given {s.at(last.start)}."] + detail, sources,
+                     f"steroid_regimens.{continued.key}", evidence=[last.evidence()])]
     if dose.order is None:
         return [_rec(s, "corticosteroid", indicator, f"Corticosteroid: {dose.text}", detail, sources, rule)]
     verb = "Start" if not treatment_steroids(s) else "Escalate to"
@@ -368,7 +415,8 @@ def refractory(s: Situation, plan: Plan) -> list[Recommendation]:
     """When a tocilizumab limit is reached while CRS >= 2, or CRS >= 3 now with the first
     tocilizumab of the episode given more than 24 h ago and a corticosteroid for CRS started more
     than 24 h ago, then CRS is refractory: anakinra or siltuximab, then ruxolitinib,
-    cyclophosphamide, antithymocyte globulin with the CAR-T team. Inside 8 h of a dose is timing,
+    cyclophosphamide, antithymocyte globulin with the CAR-T team (for a child, anakinra at the
+    pediatric protocol's dose: the adult fixed dose is not given). Inside 8 h of a dose is timing,
     not refractory.  Source: ASCO 2021; NCCN; decisions.md 5 (rev. 2, refractory CRS)."""
     options = s.protocol["refractory_options"]
     reason = None
@@ -385,7 +433,8 @@ def refractory(s: Situation, plan: Plan) -> list[Recommendation]:
     if reason is None:
         return []
     return [_rec(s, "refractory-crs", "critical", "Refractory CRS: anakinra or siltuximab",
-                 [f"Why: {reason}.", "First: " + " or ".join(options["first"]) + ".",
+                 [f"Why: {reason}.",
+                  "First: " + " or ".join(refractory_first_options(s.protocol, s)) + ".",
                   "Then: " + ", ".join(options["then"]) + f": {options['then_text']}."],
                  options["source"], "refractory_options")]
 
