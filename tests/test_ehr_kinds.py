@@ -1,5 +1,5 @@
-"""What each EHR kind is offered in the cards (suggestion actions, order codes, doses in words),
-through real HTTP.
+"""What each EHR kind is offered in the cards (suggestion actions, order codes, doses in words), and
+feedback in each shape EHRs send it; all through real HTTP.
 
 Epic applies only MedicationRequest/ServiceRequest create and delete and Condition create, one
 action per suggestion, and takes a suggested order's dose from its own order record; Oracle Health
@@ -7,6 +7,8 @@ documents no suggestions (patient-view only); a generic client gets every action
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -22,6 +24,7 @@ from jwt.algorithms import ECAlgorithm
 
 from cds_service.app import create_app
 from cds_service.examples import hook_request, prefetch_for
+from cds_service.feedback import format_report, read_report
 from cds_service.hooks.api import schema_validator
 from cds_service.clinical.model import MedicationOrder, Recommendation
 from cds_service.hooks.cards import EPIC_PREFERENCE_LIST, _order_suggestions
@@ -275,3 +278,65 @@ def test_epic_orders_by_the_site_preference_list_item(tmp_path, serve_app, now):
         "tocilizumab": [{"system": RXNORM, "code": "612865", "display": "tocilizumab"}],
         "dexamethasone": [{"system": RXNORM, "code": "3264", "display": "dexamethasone"}]}
 
+
+# ---- Feedback, in each shape clients send it ---------------------------------------------------------
+
+REASON = {"system": "http://crs-cds.org/fhir/CodeSystem/override-reason", "code": "already-addressed",
+          "display": "Already addressed"}
+EPIC_EXTENSION = {"com.epic.cdshooks.feedback.overrideReason.reasonCategory": "45",
+                  "com.epic.cdshooks.feedback.overrideReason.reasonDisplay": "Does not meet criteria",
+                  "com.epic.cdshooks.feedback.overrideReason.reasonTitle": "Does not meet criteria"}
+SHAPES = {
+    # CDS Hooks 2.0: one overrideReason {reason, userComment}; clients also send an array of them.
+    "cds-hooks-2.0": {"overrideReason": {"reason": REASON, "userComment": "charted by the ICU team"}},
+    "array": {"overrideReasons": [{"reason": REASON, "userComment": "charted by the ICU team"}]},
+    # Epic, a reason sent by the service: one object.
+    "epic-object": {"overrideReasons": {"reason": REASON, "userComment": "charted by the ICU team"}},
+    # Epic, a reason built in Epic: in an extension.
+    "epic-extension": {"overrideReasons": {"extension": EPIC_EXTENSION, "userComment": "patient on trial protocol"}},
+    # A bare Coding (the older Sandbox).
+    "bare-coding": {"overrideReasons": [REASON]},
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_feedback_in_each_shape_is_stored_and_reported(tmp_path, serve_app, now, shape):
+    db = tmp_path / "feedback.sqlite3"
+    service = serve_app(create_app(Settings(feedback_db=str(db), auth_enabled=False, ehr="epic")))
+    [card, *_] = cards_of(service, ASSESS, request_for("epic", "crs3-norepi-vaso", now))
+    item = {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-12-06T05:00:00Z", **SHAPES[shape]}
+    answer = service.post(ASSESS + "/feedback", {"feedback": [item]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"stored": 1, "duplicates": 0}
+
+    [row] = read_report(db)
+    assert (row["topic"], row["overridden"]) == (card["source"]["topic"]["code"], 1)
+    [reason] = row["override_reasons"]
+    comment = {"bare-coding": None, "epic-extension": "patient on trial protocol"}.get(shape, "charted by the ICU team")
+    if shape == "epic-extension":
+        assert reason == {"system": "com.epic.cdshooks.feedback.overrideReason.reasonCategory", "code": "45",
+                          "display": "Does not meet criteria", "count": 1}
+    else:
+        assert reason == {**REASON, "count": 1}
+    assert row["comments"] == (0 if comment is None else 1)
+    assert [c["comment"] for c in row["latest_comments"]] == ([] if comment is None else [comment])
+
+    # And as the operator reads it: `crs-cds feedback-report`.
+    printed = subprocess.run([sys.executable, "-m", "cds_service.cli", "feedback-report", "--db", str(db)],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    assert f'{reason["code"]} "{reason["display"]}" (1)' in printed
+    if comment:
+        assert "1 comment" in printed and f'"{comment}"' in printed
+    else:
+        assert "USER COMMENTS" not in printed
+    assert printed.strip() == format_report([row])
+
+
+def test_feedback_with_override_reasons_of_another_type_is_400(tmp_path, serve_app):
+    service = serve_app(create_app(Settings(feedback_db=str(tmp_path / "feedback.sqlite3"), auth_enabled=False)))
+    for reasons in ("not a reason", 45, [["a", "list"]], {"reason": {"system": "s"}}):
+        item = {"card": "c1", "outcome": "overridden", "outcomeTimestamp": "2026-12-06T05:00:00Z",
+                "overrideReasons": reasons}
+        answer = service.post(ASSESS + "/feedback", {"feedback": [item]})
+        assert answer.status_code == 400, (reasons, answer.text)
+        assert answer.json()["resourceType"] == "OperationOutcome"
