@@ -111,12 +111,22 @@ def _prepare(item: dict) -> tuple[str, str, str, list[str], list[tuple[str, str,
     return item["card"], item["outcome"], item["outcomeTimestamp"], suggestions, reasons, comment
 
 
+# Epic's acknowledgement reasons built in Epic arrive in an extension object (fhir.epic.com, CDS
+# Hooks, Feedback): the category is the code, the display or title its words.
+EPIC_REASON = "com.epic.cdshooks.feedback.overrideReason."
+EPIC_REASON_CODE = EPIC_REASON + "reasonCategory"
+
+
 def _override_reasons(item: dict) -> tuple[list[tuple[str, str, str | None]], list[str]]:
     """(system, code, display) codings and user comments from any of the forms clients send.
 
     * CDS Hooks 2.0: ``overrideReason: {reason: Coding, userComment}``
     * older Sandbox: ``overrideReason: {code, system}``
-    * ``overrideReasons``: a list (or one object) of either of the above, or of bare Codings.
+    * ``overrideReasons``: a list (or one object, as Epic sends it) of either of the above, or of
+      bare Codings;
+    * Epic's reasons built in Epic: ``{extension: {"com.epic.cdshooks.feedback.overrideReason.
+      reasonCategory": "45", "...reasonDisplay": "Does not meet criteria", "...reasonTitle": ...},
+      userComment}``, stored with the extension's name as the system.
     """
     sources: list[dict] = []
     for key in ("overrideReason", "overrideReasons"):
@@ -128,18 +138,30 @@ def _override_reasons(item: dict) -> tuple[list[tuple[str, str, str | None]], li
     reasons: dict[tuple[str, str], str | None] = {}
     comments: list[str] = []
     for source in sources:
-        coding = source.get("reason") if isinstance(source.get("reason"), dict) else source
-        code = coding.get("code")
-        if isinstance(code, str) and code.strip():
-            system = coding.get("system") if isinstance(coding.get("system"), str) else ""
-            display = coding.get("display") if isinstance(coding.get("display"), str) and coding["display"] else None
-            key = (system, code.strip())
-            if reasons.get(key) is None:
-                reasons[key] = display
+        for coding in _codings(source):
+            code = coding.get("code")
+            if isinstance(code, (str, int)) and not isinstance(code, bool) and str(code).strip():
+                system = coding.get("system") if isinstance(coding.get("system"), str) else ""
+                display = coding.get("display")
+                display = display if isinstance(display, str) and display else None
+                key = (system, str(code).strip())
+                if reasons.get(key) is None:
+                    reasons[key] = display
         comment = source.get("userComment")
         if isinstance(comment, str) and comment.strip():
             comments.append(comment.strip())
     return [(system, code, display) for (system, code), display in reasons.items()], comments
+
+
+def _codings(source: dict) -> list[dict]:
+    """The Codings one override reason holds: its ``reason``, itself (a bare Coding), or Epic's extension."""
+    codings = [source.get("reason") if isinstance(source.get("reason"), dict) else source]
+    extension = source.get("extension")
+    if isinstance(extension, dict) and EPIC_REASON_CODE in extension:
+        words = [extension.get(EPIC_REASON + name) for name in ("reasonDisplay", "reasonTitle")]
+        codings.append({"system": EPIC_REASON_CODE, "code": extension[EPIC_REASON_CODE],
+                        "display": next((w for w in words if isinstance(w, str) and w.strip()), None)})
+    return codings
 
 
 _GROUPS = text(
@@ -153,15 +175,28 @@ _REASONS = text(
     "GROUP BY f.service_id, COALESCE(t.topic, 'unknown'), r.system, r.code")
 
 
+_COMMENTS = text(
+    "SELECT f.service_id, COALESCE(t.topic, 'unknown'), f.user_comment, f.outcome_timestamp "
+    "FROM feedback f LEFT JOIN card_topic t ON t.service_id = f.service_id AND t.card_uuid = f.card "
+    "WHERE f.user_comment IS NOT NULL ORDER BY f.outcome_timestamp DESC, f.id DESC")
+LATEST_COMMENTS = 3  # per card topic, in the report
+
+
 def _report(connection) -> list[dict]:
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for service, topic, outcome, count in connection.execute(_GROUPS):
         row = groups.setdefault((service, topic), {"service": service, "topic": topic, "accepted": 0,
-                                                   "overridden": 0, "override_reasons": []})
+                                                   "overridden": 0, "override_reasons": [], "comments": 0,
+                                                   "latest_comments": []})
         row[outcome] = count
     for service, topic, system, code, display, count in connection.execute(_REASONS):
         groups[(service, topic)]["override_reasons"].append(
             {"code": code, "system": system or None, "display": display, "count": count})
+    for service, topic, comment, at in connection.execute(_COMMENTS):
+        row = groups[(service, topic)]
+        row["comments"] += 1
+        if len(row["latest_comments"]) < LATEST_COMMENTS:
+            row["latest_comments"].append({"comment": comment, "outcomeTimestamp": at})
     for row in groups.values():
         row["override_reasons"].sort(key=lambda r: (-r["count"], r["code"], r["system"] or ""))
     return [groups[key] for key in sorted(groups)]
@@ -174,8 +209,14 @@ def _reason_label(reason: dict) -> str:
     return f"{label} ({reason['count']})"
 
 
+def _one_line(comment: str, limit: int = 100) -> str:
+    words = " ".join(comment.split())
+    return words if len(words) <= limit else words[:limit - 1].rstrip() + "…"
+
+
 def format_report(rows: Iterable[dict]) -> str:
-    """A plain-text table: service, card topic, accepted, overridden, override reasons."""
+    """A plain-text table: service, card topic, accepted, overridden, override reasons; then the
+    users' comments per card topic: how many, and the latest few."""
     rows = list(rows)
     if not rows:
         return "No feedback recorded."
@@ -188,7 +229,15 @@ def format_report(rows: Iterable[dict]) -> str:
         return "  ".join([cells[0].ljust(widths[0]), cells[1].ljust(widths[1]), cells[2].rjust(widths[2]),
                           cells[3].rjust(widths[3]), cells[4]]).rstrip()
 
-    return "\n".join([render(header), render(tuple("-" * len(h) for h in header))] + [render(line) for line in lines])
+    table = [render(header), render(tuple("-" * len(h) for h in header))] + [render(line) for line in lines]
+    commented = [row for row in rows if row.get("comments")]
+    if commented:
+        table += ["", f"USER COMMENTS (latest {LATEST_COMMENTS} per card topic)"]
+        for row in commented:
+            table.append(f"{row['service']}  {row['topic']}: {row['comments']} "
+                         + ("comment" if row["comments"] == 1 else "comments"))
+            table += [f'  {c["outcomeTimestamp"]}  "{_one_line(c["comment"])}"' for c in row["latest_comments"]]
+    return "\n".join(table)
 
 
 def read_report(where: str | os.PathLike) -> list[dict]:

@@ -45,7 +45,7 @@ class Settings:
     protocol_file: str | None = None          # site protocol overriding the default protocol
     terminology_dirs: list[str] = field(default_factory=list)  # extra ValueSet folders (local codes)
     time_zone: str = "UTC"                     # IANA name: times without a zone are read in it; cards show it
-    ehr: str = "generic"                       # the EHR kind: generic, epic or oracle-health (template dialect)
+    ehr: str = "generic"                       # generic, epic or oracle-health: template dialect, suggestion actions
     profiles: dict[str, Any] = field(default_factory=dict)  # per-client sites, by iss (and tenant)
     quiet_when_normal: bool = True             # no card for an in-scope patient with no CRS, no ICANS, no pitfall
     # FHIR access

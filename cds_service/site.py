@@ -22,7 +22,7 @@ PROFILE_FIELDS = {"iss", "tenant", "ehr", "protocol_file", "terminology_dirs", "
 @dataclass(frozen=True)
 class Site:
     name: str
-    ehr: str                    # "generic", "epic" or "oracle-health": the template dialect
+    ehr: str                    # "generic", "epic" or "oracle-health": template dialect, suggestion actions
     protocol: Protocol
     terminology: Terminology
     zone: tzinfo

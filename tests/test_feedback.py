@@ -143,6 +143,43 @@ def test_all_override_reason_forms(db, stores):
     assert displays == {"patient-declined": "Patient declined", "not-cart": None, "already-treated": "Already"}
     text = format_report([row])
     assert 'patient-declined "Patient declined" (2)' in text and "not-cart (2)" in text
+    assert row["comments"] == 1 and row["latest_comments"] == [{"comment": "family wants to wait",
+                                                                 "outcomeTimestamp": TS}]
+    assert '"family wants to wait"' in text
+
+
+def test_epic_reasons_and_comments_are_stored_and_reported(db, stores):
+    """Epic sends one object: {reason, userComment}, or the reason built in Epic in an extension."""
+    store = stores(db)
+    store.remember_cards(SERVICE, "hook-1", [(f"card-{i}", "crs-grade") for i in range(5)])
+    items = [
+        overridden("card-0", ts="2026-11-21T12:00:01Z", overrideReasons={
+            "reason": {"code": "contraindicated", "display": "bad", "system": "http://example.org/override"},
+            "userComment": "User Entered Free Text"}),
+        overridden("card-1", ts="2026-11-21T12:00:02Z", overrideReasons={
+            "extension": {"com.epic.cdshooks.feedback.overrideReason.reasonCategory": "45",
+                          "com.epic.cdshooks.feedback.overrideReason.reasonDisplay": "Does not meet criteria",
+                          "com.epic.cdshooks.feedback.overrideReason.reasonTitle": "Does not meet criteria"},
+            "userComment": "grade already charted\n  by the ICU team"}),
+        # The title alone, and a numeric category.
+        overridden("card-2", ts="2026-11-21T12:00:03Z", overrideReasons={"extension": {
+            "com.epic.cdshooks.feedback.overrideReason.reasonCategory": 45,
+            "com.epic.cdshooks.feedback.overrideReason.reasonTitle": "Does not meet criteria"}}),
+        overridden("card-3", ts="2026-11-21T12:00:04Z", overrideReasons={"userComment": "third"}),
+        overridden("card-4", ts="2026-11-21T12:00:05Z", overrideReasons={"userComment": "fourth"}),
+    ]
+    assert store.record_feedback(SERVICE, items) == (5, 0)
+    row = by_topic(store.report())[(SERVICE, "crs-grade")]
+    assert row["override_reasons"] == [
+        {"code": "45", "system": "com.epic.cdshooks.feedback.overrideReason.reasonCategory",
+         "display": "Does not meet criteria", "count": 2},
+        {"code": "contraindicated", "system": "http://example.org/override", "display": "bad", "count": 1}]
+    assert row["comments"] == 4
+    assert [c["comment"] for c in row["latest_comments"]] == ["fourth", "third",
+                                                              "grade already charted\n  by the ICU team"]
+    text = format_report([row])
+    assert "4 comments" in text and '"grade already charted by the ICU team"' in text
+    assert "User Entered Free Text" not in text  # the latest 3 only
 
 
 def test_long_comments_are_truncated(db, stores):
@@ -303,7 +340,8 @@ def test_cmd_feedback_report(db, stores, capsys, tmp_path):
     assert cmd_feedback_report(SimpleNamespace(db=db, json=True)) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows == [{"service": SERVICE, "topic": "crs-grade", "accepted": 0, "overridden": 1,
-                     "override_reasons": [{"code": "r1", "system": "s", "display": None, "count": 1}]}]
+                     "override_reasons": [{"code": "r1", "system": "s", "display": None, "count": 1}],
+                     "comments": 0, "latest_comments": []}]
 
     missing = tmp_path / "missing.sqlite3"
     with pytest.raises(FeedbackError, match="no feedback database"):

@@ -14,11 +14,33 @@ from typing import Iterable
 from ..clinical.model import Assessment, Grade, MedicationOrder, Recommendation, iso
 from ..clinical.report import SUMMARY_LIMIT, headline
 from ..paths import shipped_dir
-from ..terminology import IEC_TOXICITY, UCUM, Terminology
+from ..terminology import IEC_TOXICITY, RXNORM, UCUM, Terminology
 
 ASSESSMENT = "crs-icans-assessment"
 PROFILE_BASE = "http://crs-cds.org/fhir/StructureDefinition/"
 MEDICATION_VALUESETS_FOR_ORDERS = ("tocilizumab", "systemic-corticosteroids", "g-csf")
+LABEL_LIMIT = 80  # characters: a suggestion's label is a button
+
+# The suggestion actions each EHR kind is offered, as (resource type, action type); None: any.
+# Epic applies only MedicationRequest/ServiceRequest create and delete and Condition create (its
+# CDS Hooks documentation): no Observation create, no update. Oracle Health documents no
+# suggestions at all (patient-view only, in its beta): whatever it applies, a draft order is
+# replaced by delete + create, the two actions every client that applies orders supports, never
+# by an update (a full resource the client must merge into its own draft).
+EHR_ACTIONS: dict[str, frozenset[tuple[str, str]] | None] = {
+    "generic": None,
+    "epic": frozenset({("MedicationRequest", "create"), ("MedicationRequest", "delete"),
+                       ("ServiceRequest", "create"), ("ServiceRequest", "delete"), ("Condition", "create")}),
+    "oracle-health": frozenset({(kind, action) for kind in ("MedicationRequest", "ServiceRequest", "Condition",
+                                                            "Observation") for action in ("create", "delete")}),
+}
+# The systems Epic takes for a suggested medication order, best first: an item of the site's
+# preference list (the site's own order, with its dose), then RxNorm or NDC, named by OID.
+EPIC_PREFERENCE_LIST = "urn:com.epic.cdshooks.action.code.system.preference-list-item"
+EPIC_ORDERABLE_SYSTEMS = {EPIC_PREFERENCE_LIST: EPIC_PREFERENCE_LIST,
+                          RXNORM: "urn:oid:2.16.840.1.113883.6.88",
+                          "http://hl7.org/fhir/sid/ndc": "urn:oid:2.16.840.1.113883.6.69",
+                          "urn:oid:2.16.840.1.113883.6.69": "urn:oid:2.16.840.1.113883.6.69"}
 
 
 @dataclass(frozen=True)
@@ -174,9 +196,12 @@ def _links(template: CardTemplate, recs: Iterable[Recommendation], protocol_url:
 # ---- FHIR resources for suggestions ---------------------------------------------------------------
 
 def medication_request(order: MedicationOrder, patient_id: str | None, terminology: Terminology,
-                       based_on: dict | None = None) -> dict:
-    coding = next((terminology[vs].coding_for(order.agent) for vs in MEDICATION_VALUESETS_FOR_ORDERS
-                   if "code" in terminology[vs].coding_for(order.agent)), {"display": order.agent})
+                       based_on: dict | None = None, ehr: str = "generic") -> dict:
+    """The suggested order. At Epic the order's details (dose included) come from the site's own
+    order record, whatever the resource says: the dose is in the suggestion's words too."""
+    coding = (_epic_orderable_coding(order.agent, terminology) if ehr == "epic" else None) or next(
+        (terminology[vs].coding_for(order.agent) for vs in MEDICATION_VALUESETS_FOR_ORDERS
+         if "code" in terminology[vs].coding_for(order.agent)), {"display": order.agent})
     concept: dict = {"text": order.agent}
     if "code" in coding:
         concept["coding"] = [coding]
@@ -196,6 +221,21 @@ def medication_request(order: MedicationOrder, patient_id: str | None, terminolo
     if based_on:
         request.update(based_on)
     return request
+
+
+def _epic_orderable_coding(agent: str, terminology: Terminology) -> dict | None:
+    """The Coding Epic orders the agent by: a concept of the drug's ValueSet (shipped, or a site's
+    file in ``terminology_dirs``) in the site's preference list, else its RxNorm or NDC code, by
+    OID; None when the ValueSets have none. A concept stands for the agent when its display is
+    the agent's name or names it (``Tocilizumab IV for CRS``)."""
+    found: dict[str, dict] = {}
+    for vs in MEDICATION_VALUESETS_FOR_ORDERS:
+        concept = terminology[vs]
+        for (system, code), named in concept.codes.items():
+            if system in EPIC_ORDERABLE_SYSTEMS and system not in found and (
+                    named == agent or concept.agent_for_text([named]) == agent):
+                found[system] = {"system": EPIC_ORDERABLE_SYSTEMS[system], "code": code, "display": agent}
+    return next((found[system] for system in EPIC_ORDERABLE_SYSTEMS if system in found), None)
 
 
 def grade_observation(grade: Grade, code: str, profile: str, assessment: Assessment) -> dict:
@@ -227,32 +267,75 @@ def _suggestion(label: str, action_type: str, description: str, resource: dict |
         action["resource"] = resource
     if resource_id:
         action["resourceId"] = resource_id
-    suggestion = {"label": label, "uuid": _new_id(), "actions": [action]}  # one action each (Epic)
+    suggestion = {"label": _label(label), "uuid": _new_id(), "actions": [action]}  # one action each (Epic)
     if recommended:
         suggestion["isRecommended"] = True
     return suggestion
 
 
-def _order_suggestions(recs: Iterable[Recommendation], assessment: Assessment, terminology: Terminology) -> list[dict]:
+def _label(text: str, what: str | None = None) -> str:
+    """Under LABEL_LIMIT characters; when too long, ``what`` (the drug and dose) alone, without the verb."""
+    for label in (text, what):
+        if label and len(label) < LABEL_LIMIT:
+            return label
+    return (what or text)[:LABEL_LIMIT - 2].rstrip() + "…"
+
+
+def _order_suggestions(recs: Iterable[Recommendation], assessment: Assessment, terminology: Terminology,
+                       ehr: str = "generic") -> list[dict]:
     suggestions = []
     for rec in recs:
         if rec.target and rec.remove_target:
             what = rec.target_label or "draft"
-            suggestions.append(_suggestion(f"Remove the {what} order"[:79], "delete",
+            suggestions.append(_suggestion(f"Remove the {what} order", "delete",
                                            f"Remove the {what} order", resource_id=rec.target, recommended=True))
         if rec.order is None:
             continue
-        request = medication_request(rec.order, assessment.patient_id, terminology)
-        if rec.target and rec.replace_target:
+        request = medication_request(rec.order, assessment.patient_id, terminology, ehr=ehr)
+        set_dose = (" (set this dose: the order opens with the site's default)"
+                    if ehr == "epic" and rec.order.dose_mg is not None else "")
+        if rec.target and rec.replace_target and ehr == "generic":
             request["id"] = rec.target.split("/", 1)[1]
-            suggestions.append(_suggestion(f"Change to {rec.order.label}"[:79], "update",
+            suggestions.append(_suggestion(_label(f"Change to {rec.order.label}", rec.order.label), "update",
                                            f"Change the {rec.target_label or 'draft'} order to {rec.order.text}",
                                            request))
+        elif rec.target and rec.replace_target:
+            # No update at Epic or Oracle Health: the draft is removed and the new order created, two
+            # suggestions of one action each (Epic applies one action per suggestion), both
+            # pre-selected so that the correction is taken whole.
+            what = rec.target_label or "draft"
+            suggestions.append(_suggestion(f"Remove the {what} order", "delete",
+                                           f"Remove the {what} order (replaced by {rec.order.text})",
+                                           resource_id=rec.target, recommended=True))
+            suggestions.append(_suggestion(_label(f"Order instead: {rec.order.label}", rec.order.label), "create",
+                                           f"Order {rec.order.text} instead of the {what} order{set_dose}",
+                                           request, recommended=True))
         else:
             verb = "Order instead" if rec.target else "Order"
-            suggestions.append(_suggestion(f"{verb}: {rec.order.label}"[:79], "create", f"{verb} {rec.order.text}",
-                                           request, recommended=not rec.target))
+            suggestions.append(_suggestion(_label(f"{verb}: {rec.order.label}", rec.order.label), "create",
+                                           f"{verb} {rec.order.text}{set_dose}", request,
+                                           recommended=not rec.target))
     return suggestions
+
+
+def _offered(suggestions: list[dict], ehr: str) -> list[dict]:
+    """The suggestions whose every action the EHR kind applies (EHR_ACTIONS)."""
+    allowed = EHR_ACTIONS[ehr]
+    if allowed is None:
+        return suggestions
+
+    def kind(action: dict) -> str:
+        return action["resource"]["resourceType"] if "resource" in action else action["resourceId"].split("/", 1)[0]
+
+    return [s for s in suggestions if all((kind(a), a["type"]) in allowed for a in s["actions"])]
+
+
+def _dose_line(recs: Iterable[Recommendation], ehr: str) -> list[str]:
+    """At Epic, where a suggested order opens with the site's default dose: the doses, in the card."""
+    doses = [rec.order.label for rec in recs if rec.order is not None and rec.order.dose_mg is not None]
+    if ehr != "epic" or not doses:
+        return []
+    return ["- Suggested orders open with the site's default dose: set " + "; ".join(doses) + "."]
 
 
 # ---- Cards ---------------------------------------------------------------------------------------
@@ -266,9 +349,10 @@ def is_normal(assessment: Assessment) -> bool:
 
 
 def assessment_cards(assessment: Assessment, terminology: Terminology, quiet_when_normal: bool = True,
-                     protocol_url: str | None = None) -> list[dict]:
+                     protocol_url: str | None = None, ehr: str = "generic") -> list[dict]:
     """The patient-view cards: one assessment card, plus one card per pitfall that fired. Quiet
-    when normal: no card, or one short card asking for an ICANS assessment when none is recent."""
+    when normal: no card, or one short card asking for an ICANS assessment when none is recent.
+    ``ehr`` (a site's EHR kind) decides which suggestion actions are offered (EHR_ACTIONS)."""
     if not assessment.in_scope:
         return []
     main = card_templates()[ASSESSMENT]
@@ -289,20 +373,21 @@ def assessment_cards(assessment: Assessment, terminology: Terminology, quiet_whe
     if len(background) == 2:
         merged = background[0].rstrip(".") + "; " + background[1].split("**: ", 1)[1]
         lines = [line for line in lines if line not in background] + [merged.replace("**Infection**", "**Also**")]
+    lines += _dose_line(shown, ehr)
     if lines:
         detail += ["", *lines]
     detail += ["", _main_footer(assessment, shown, protocol_url)]
-    suggestions = _order_suggestions(shown, assessment, terminology)
+    suggestions = _order_suggestions(shown, assessment, terminology, ehr)
     for grade, code, profile in ((assessment.crs, "crs-grade", "crs-grade-observation"),
                                  (assessment.icans, "icans-grade", "icans-grade-observation")):
         if grade.value and not grade.at_least:  # never "record grade 0" (decisions.md 8)
             suggestions.append(_suggestion(f"Record {grade.text}", "create", f"Record {grade.text} as an Observation",
                                            grade_observation(grade, code, profile, assessment)))
     indicator = max((r.indicator for r in shown), key=["info", "warning", "critical"].index, default="info")
-    cards = [_card(main, headline(assessment), indicator, "\n".join(detail), suggestions,
+    cards = [_card(main, headline(assessment), indicator, "\n".join(detail), _offered(suggestions, ehr),
                    _links(main, shown, protocol_url))]
     cards += finding_cards([r for r in assessment.recommendations if r not in shown], assessment, terminology,
-                           protocol_url, seen)
+                           protocol_url, seen, ehr)
     return cards
 
 
@@ -319,7 +404,8 @@ def add_app_link(cards: list[dict], url: str, app_context: str | None = None) ->
 
 
 def finding_cards(recs: Iterable[Recommendation], assessment: Assessment, terminology: Terminology,
-                  protocol_url: str | None = None, seen: set[str] | None = None) -> list[dict]:
+                  protocol_url: str | None = None, seen: set[str] | None = None,
+                  ehr: str = "generic") -> list[dict]:
     """One card per pitfall or order-check finding, holding only that pitfall (nothing the other
     cards of the answer already say)."""
     seen = set() if seen is None else seen
@@ -328,7 +414,8 @@ def finding_cards(recs: Iterable[Recommendation], assessment: Assessment, termin
         template = template_for_topic(rec.topic)
         details = [d for d in rec.detail if _norm(d) not in seen]
         seen.update(_norm(d) for d in details)
-        detail = [f"- {d}" for d in details] + ["", _sources_line([rec], protocol_url)]
+        detail = [f"- {d}" for d in details] + _dose_line([rec], ehr) + ["", _sources_line([rec], protocol_url)]
         cards.append(_card(template, rec.title, rec.indicator, "\n".join(detail),
-                           _order_suggestions([rec], assessment, terminology), _links(template, [rec], protocol_url)))
+                           _offered(_order_suggestions([rec], assessment, terminology, ehr), ehr),
+                           _links(template, [rec], protocol_url)))
     return cards

@@ -54,6 +54,7 @@ class HookCall:
     quiet_when_normal: bool = True             # no card for a normal in-scope patient
     protocol_url: str | None = None            # where the protocol document is served, for card links
     episode_start: datetime | None = None      # the IEC episode graded (for the SMART link's appContext)
+    ehr: str = "generic"                       # the site's EHR kind: which suggestion actions it applies
 
     @property
     def context(self) -> dict:
@@ -205,7 +206,7 @@ def gather(service: ServiceDeclaration, request: dict, site, now: datetime, clie
     gathered = resolve_prefetch(wanted, request, client, settings, set(service.required_keys),
                                 server_allowed=server_allowed, cutoffs=prefetch_cutoffs(site.protocol, now))
     call = HookCall(service, request, gathered.resources, gathered.failures, now, site.protocol, site.terminology,
-                    site.zone)
+                    site.zone, ehr=site.ehr)
     call.notes["sources"] = gathered.sources
     return call
 
@@ -213,7 +214,7 @@ def gather(service: ServiceDeclaration, request: dict, site, now: datetime, clie
 def patient_view(call: HookCall) -> list[dict]:
     """CRS and ICANS grades with evidence, dosing and pitfalls; no card when out of scope."""
     assessment = _assess_or_412(call)
-    return assessment_cards(assessment, call.terminology, call.quiet_when_normal, call.protocol_url)
+    return assessment_cards(assessment, call.terminology, call.quiet_when_normal, call.protocol_url, call.ehr)
 
 
 def _draft_resources(call: HookCall) -> list[dict]:
@@ -249,7 +250,7 @@ def _order_checks(call: HookCall, selections: list[str] | None) -> list[dict]:
         raise PreconditionFailed("the patient's medication administrations could not be read")
     call.notes["grades"] = {"crs": assessment.crs.value, "icans": assessment.icans.value}
     call.notes["read"] = assessment.reading or None
-    return finding_cards(findings, assessment, call.terminology, call.protocol_url)
+    return finding_cards(findings, assessment, call.terminology, call.protocol_url, ehr=call.ehr)
 
 
 ALL_KEYS = ("patient", *OBSERVATION_KEYS, "medications")
