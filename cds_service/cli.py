@@ -108,6 +108,7 @@ def _hook_request_resources(request: dict, site, settings, now: datetime):
         raise CliError(f"required data cannot be had (a service answers 412): {exc.message}") from None
     if isinstance(call, str):  # out of scope by the medications alone: grade those
         key = service.scope_key
+        assert key is not None  # only a service with a scope key answers out of scope early
         return prefetched_only({key: site.templates[key]}, request) or [], []
     return call.resources, call.unread
 
@@ -334,7 +335,8 @@ def cmd_codes_survey(args: argparse.Namespace) -> int:
         raise CliError("--fhir-server needs at least one --patient id")
     settings = _settings(args.config)
     site = _site(settings)
-    resources, failures = [], []
+    resources: list[dict] = []
+    failures: list[str] = []
     for name in args.files:
         try:
             resources += parse_resources_text(Path(name).read_text(encoding="utf-8"))
