@@ -4,7 +4,7 @@ VENV := .venv
 FHIR_VENV := .fhir-venv
 SEKMET_VERSION := 0.1.1
 
-.PHONY: install test fhir-server system-packages chromium bench scaleout-bench clean
+.PHONY: install lint test fhir-server system-packages chromium bench scaleout-bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ system-packages:
 chromium:
 	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 
-test: install fhir-server system-packages chromium
+lint: install
+	$(VENV)/bin/ruff check cds_service tests benchmarks
+	$(VENV)/bin/mypy cds_service
+
+test: install fhir-server system-packages chromium lint
 	CRS_CDS_SEKMET=$(FHIR_VENV)/bin/sekmet $(VENV)/bin/python -m pytest -q
 
 # Throughput, latency and memory under gunicorn against a bare Flask reference (benchmarks/README.md).
@@ -49,4 +53,4 @@ scaleout-bench: install system-packages
 	$(VENV)/bin/python benchmarks/scaleout.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(FHIR_VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(FHIR_VENV) build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -109,7 +109,7 @@ class LineHandler(logging.StreamHandler):
         ``logger.isEnabledFor(logging.INFO)`` first, as ``logger.info`` does.
 
         Why: making a LogRecord and passing it down the loggers, for the line of every hook call,
-        was the largest part of an out-of-scope call's own work (README, Performance)."""
+        was the largest part of an out-of-scope call's own work (benchmarks/README.md)."""
         formatter = self.formatter
         if not isinstance(formatter, LineFormatter):
             raise TypeError("writer_for needs the handler's LineFormatter")

@@ -108,6 +108,7 @@ def _hook_request_resources(request: dict, site, settings, now: datetime):
         raise CliError(f"required data cannot be had (a service answers 412): {exc.message}") from None
     if isinstance(call, str):  # out of scope by the medications alone: grade those
         key = service.scope_key
+        assert key is not None  # only a service with a scope key answers out of scope early
         return prefetched_only({key: site.templates[key]}, request) or [], []
     return call.resources, call.unread
 
@@ -155,7 +156,7 @@ def cmd_scenarios_list(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Development server. Production: gunicorn (see README, "Serving")."""
+    """Development server. Production: gunicorn (see README, "Production deployment")."""
     from .app import configure_logging, create_app
     from .clinical.protocol import ProtocolError
     from .settings import SettingsError
@@ -284,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     sheet.add_argument("--json", action="store_true")
     sheet.set_defaults(handler=cmd_prefetch)
 
+    settings_ = commands.add_parser("settings", help="the settings file")
+    settings_commands = settings_.add_subparsers(dest="settings_command", required=True)
+    example = settings_commands.add_parser("example", help="print the production settings template")
+    example.set_defaults(handler=cmd_settings_example)
+
     report = commands.add_parser("feedback-report", help="accepted and overridden counts per card topic")
     report.add_argument("--db", help="a SQLite file or a database URL (default: database_url, else feedback_db)")
     report.add_argument("--config", help="a JSON settings file")
@@ -334,7 +340,8 @@ def cmd_codes_survey(args: argparse.Namespace) -> int:
         raise CliError("--fhir-server needs at least one --patient id")
     settings = _settings(args.config)
     site = _site(settings)
-    resources, failures = [], []
+    resources: list[dict] = []
+    failures: list[str] = []
     for name in args.files:
         try:
             resources += parse_resources_text(Path(name).read_text(encoding="utf-8"))
@@ -353,6 +360,12 @@ def cmd_codes_survey(args: argparse.Namespace) -> int:
         for path in write_valuesets(rows, Path(args.write_valuesets)):
             print(f"wrote {path} (review it before use)")
     return 1 if failures else 0
+
+
+def cmd_settings_example(args: argparse.Namespace) -> int:
+    """The settings template shipped in the package (cds_service/settings.example.json)."""
+    sys.stdout.write((Path(__file__).parent / "settings.example.json").read_text(encoding="utf-8"))
+    return 0
 
 
 def cmd_feedback_report(args: argparse.Namespace) -> int:

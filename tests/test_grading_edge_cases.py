@@ -5,7 +5,7 @@ flag that explains it. No server is needed: this is the pure clinical core.
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 

@@ -9,7 +9,7 @@ import pytest
 from cds_service.clinical import Protocol, assess
 from cds_service.clinical.orders import review_orders
 from cds_service.scenarios import (
-    ACETAMINOPHEN, DEXAMETHASONE, NON_REBREATHER, NOREPINEPHRINE, PHENYLEPHRINE, TECARTUS, TECLISTAMAB,
+    ACETAMINOPHEN, DEXAMETHASONE, NOREPINEPHRINE, PHENYLEPHRINE, TECARTUS, TECLISTAMAB,
     TOCILIZUMAB, YESCARTA, Chart, Drug,
 )
 

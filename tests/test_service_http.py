@@ -19,9 +19,9 @@ from cds_service.examples import hook_request
 from cds_service.fhir.prefetch import render_template
 from cds_service.hooks.api import schema_validator
 from cds_service.scenarios import SCENARIOS, by_name
+from cds_service.settings import Settings
 
 SARGRAMOSTIM_DRUG = "Leukine (sargramostim) 250 mcg/m2 IV"
-from cds_service.settings import Settings
 
 SUMMARY = re.compile(r"^CRS grade (at least )?(\d)|ICANS grade (at least )?(\d)")
 

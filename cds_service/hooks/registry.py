@@ -105,7 +105,7 @@ def prefetch_templates(terminology: Terminology, ehr: str = "generic") -> dict[s
 
     templates = {"patient": "Patient/{{context.patientId}}"}
     for key, valuesets in OBSERVATION_KEYS.items():
-        query = f"Observation?patient={{{{context.patientId}}}}"
+        query = "Observation?patient={{context.patientId}}"
         if ehr == "epic" and key in VITAL_SIGNS_KEYS:
             query += "&category=vital-signs"
         query += f"&code={','.join(codes(valuesets))}"
