@@ -155,7 +155,8 @@ def _override_reasons(item: dict) -> tuple[list[tuple[str, str, str | None]], li
 
 def _codings(source: dict) -> list[dict]:
     """The Codings one override reason holds: its ``reason``, itself (a bare Coding), or Epic's extension."""
-    codings = [source.get("reason") if isinstance(source.get("reason"), dict) else source]
+    reason = source.get("reason")
+    codings: list[dict] = [reason if isinstance(reason, dict) else source]
     extension = source.get("extension")
     if isinstance(extension, dict) and EPIC_REASON_CODE in extension:
         words = [extension.get(EPIC_REASON + name) for name in ("reasonDisplay", "reasonTitle")]

@@ -100,13 +100,14 @@ def crs1_tocilizumab_trigger(s: Situation) -> str | None:
     fevers = [r for r in temps if r.value >= threshold]
     # The fever's present course: back from the latest fever, while no day (the fever window) passes
     # without one. A fever that ended days ago and a new one now are two courses, not one.
-    course_start = fevers[-1].end if fevers else None
-    for earlier in reversed(fevers[:-1]):
-        if course_start - earlier.end > s.protocol.window("fever"):
-            break
-        course_start = earlier.end
-    if course_start is not None and s.now - course_start > timedelta(days=rules["fever_days_over"]):
-        return f"fever since {s.at(course_start)} (over {rules['fever_days_over']} days)"
+    if fevers:
+        course_start = fevers[-1].end
+        for earlier in reversed(fevers[:-1]):
+            if course_start - earlier.end > s.protocol.window("fever"):
+                break
+            course_start = earlier.end
+        if s.now - course_start > timedelta(days=rules["fever_days_over"]):
+            return f"fever since {s.at(course_start)} (over {rules['fever_days_over']} days)"
     acetaminophen = [d.start for d in s.facts.drugs_in("antipyretics") if d.agent == "acetaminophen"]
     if acetaminophen:
         run_start = None
