@@ -14,10 +14,12 @@ from cds_service.clinical import assess
 from cds_service.clinical.orders import review_orders
 from cds_service.hooks.cards import assessment_cards, finding_cards
 from cds_service.scenarios import (
-    DEXAMETHASONE, NOREPINEPHRINE, PHENYLEPHRINE, SCENARIOS, TECLISTAMAB, TOCILIZUMAB, VENTILATOR, YESCARTA,
+    DEXAMETHASONE, PHENYLEPHRINE, SCENARIOS, TECLISTAMAB, TOCILIZUMAB, VENTILATOR, YESCARTA,
     Chart, Drug,
 )
 from cds_service.terminology import load_terminology
+
+from charts import treated_chart, with_crs
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
 KYMRIAH = Drug("Kymriah (tisagenlecleucel)")
@@ -28,24 +30,7 @@ TERMS = load_terminology()
 
 
 def chart(product=YESCARTA, weight: float | None = 70, age: int | None = 55, days: float = 3) -> Chart:
-    c = Chart("adv", NOW, "Test", "Pat", "female", age if age is not None else 40)
-    if age is None:
-        del c.resources[0]["birthDate"]
-    c.iec(product, days_ago=days)
-    if weight is not None:
-        c.weight(weight, days_ago=2)
-    return c
-
-
-def with_crs(c: Chart, grade: int, hours_ago: float = 1) -> Chart:
-    c.temp(39.0, hours_ago=hours_ago)
-    if grade == 2:
-        c.bp(80, 45, hours_ago=hours_ago)
-    if grade >= 3:
-        c.infusion(NOREPINEPHRINE, started_hours_ago=hours_ago + 1, rate=(0.1, "ug/kg/min"))
-    if grade == 4:
-        c.infusion(PHENYLEPHRINE, started_hours_ago=hours_ago + 1, rate=(1, "ug/kg/min"))
-    return c
+    return treated_chart("adv", product, weight, age, days)
 
 
 def rec(assessment, topic):

@@ -9,9 +9,11 @@ import pytest
 from cds_service.clinical import Protocol, assess
 from cds_service.clinical.orders import review_orders
 from cds_service.scenarios import (
-    ACETAMINOPHEN, DEXAMETHASONE, NOREPINEPHRINE, PHENYLEPHRINE, TECARTUS, TECLISTAMAB,
+    ACETAMINOPHEN, DEXAMETHASONE, TECARTUS, TECLISTAMAB,
     TOCILIZUMAB, YESCARTA, Chart, Drug,
 )
+
+from charts import treated_chart, with_crs
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
 KYMRIAH = Drug("Kymriah (tisagenlecleucel)")
@@ -20,23 +22,10 @@ FILGRASTIM = Drug("filgrastim", "g-csf", "68442")
 
 
 def chart(product=YESCARTA, weight: float | None = 70, age: int = 55, days: float = 3) -> Chart:
-    c = Chart("rx", NOW, "Test", "Pat", "male", age)
-    c.iec(product, days_ago=days)
-    if weight is not None:
-        c.weight(weight, days_ago=2)
-    return c
+    return treated_chart("rx", product, weight, age, days, gender="male")
 
 
-def crs(c: Chart, grade: int, hours_ago: float = 1) -> Chart:
-    """Give the chart the findings of a CRS grade (with fever)."""
-    c.temp(39.0, hours_ago=hours_ago)
-    if grade == 2:
-        c.bp(80, 45, hours_ago=hours_ago)
-    if grade >= 3:
-        c.infusion(NOREPINEPHRINE, started_hours_ago=hours_ago + 1, rate=(0.1, "ug/kg/min"))
-    if grade == 4:
-        c.infusion(PHENYLEPHRINE, started_hours_ago=hours_ago + 1, rate=(1, "ug/kg/min"))
-    return c
+crs = with_crs  # the findings of a CRS grade (with fever)
 
 
 def rec(assessment, topic):
