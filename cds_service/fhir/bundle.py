@@ -83,7 +83,9 @@ def _bundles(data: Any):
         yield data
         entries = data.get("entry")
         for entry in entries if isinstance(entries, list) else ():
-            yield from _bundles(entry.get("resource") if isinstance(entry, dict) else None)
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
+                yield from _bundles(resource)
 
 
 def searched_type(bundle: Any) -> str:
