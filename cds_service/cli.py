@@ -7,6 +7,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .settings import EHR_KINDS
+
 EXIT_BAD_INPUT = 2
 
 
@@ -279,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     survey.set_defaults(handler=cmd_codes_survey)
 
     sheet = commands.add_parser("prefetch", help="the install sheet: each service's prefetch templates and FHIR scopes")
-    sheet.add_argument("--ehr", choices=["generic", "epic", "oracle-health"],
+    sheet.add_argument("--ehr", choices=EHR_KINDS,
                        help="the template dialect (default: the settings' ehr)")
     sheet.add_argument("--config", help="a JSON settings file (the site's codes join the templates)")
     sheet.add_argument("--json", action="store_true")

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ENV_PREFIX = "CRS_CDS_"
+# The EHR kinds a site (the settings' ``ehr`` or a profile's) can name: each has its own prefetch
+# template dialect and suggestion actions.
+EHR_KINDS = ("generic", "epic", "oracle-health")
 
 
 class SettingsError(ValueError):

@@ -12,8 +12,8 @@ from datetime import tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .clinical.protocol import Protocol
-from .hooks.registry import EHR_KINDS, prefetch_templates
-from .settings import Settings, SettingsError
+from .hooks.registry import prefetch_templates
+from .settings import EHR_KINDS, Settings, SettingsError
 from .terminology import Terminology, load_terminology
 
 PROFILE_FIELDS = {"iss", "tenant", "ehr", "protocol_file", "terminology_dirs", "time_zone"}

@@ -84,8 +84,6 @@ class ServiceDeclaration:
         return entry
 
 
-# The EHR kinds a site profile names: each has its own template dialect.
-EHR_KINDS = ("generic", "epic", "oracle-health")
 VITAL_SIGNS_KEYS = ("temperatures", "bloodPressures", "oxygen")  # US Core vital-signs category
 ORACLE_MAX_COUNT = 200
 

@@ -13,7 +13,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlencode, urlsplit
 
 import requests
@@ -92,18 +92,8 @@ def discover(iss: str, timeout: float, session: requests.Session | None = None) 
     """``{iss}/.well-known/smart-configuration``: the authorization and token endpoints."""
     http = session or requests
     url = f"{iss}/.well-known/smart-configuration"
-    try:
-        response = http.get(url, headers={"Accept": "application/json"}, timeout=timeout, allow_redirects=False)
-    except requests.RequestException as exc:
-        raise LaunchError(f"could not reach the EHR's SMART configuration ({type(exc).__name__})", 502) from None
-    if response.status_code != 200:
-        raise LaunchError(f"the EHR's SMART configuration answered {response.status_code}", 502)
-    try:
-        config = response.json()
-    except ValueError:
-        raise LaunchError("the EHR's SMART configuration is not JSON", 502) from None
-    if not isinstance(config, dict):
-        raise LaunchError("the EHR's SMART configuration is not a JSON object", 502)
+    config = _json_object(lambda: http.get(url, headers={"Accept": "application/json"}, timeout=timeout,
+                                           allow_redirects=False), "the EHR's SMART configuration")
     for key in ("authorization_endpoint", "token_endpoint"):
         value = config.get(key)
         if not isinstance(value, str) or urlsplit(value).scheme not in ("http", "https"):
@@ -112,6 +102,23 @@ def discover(iss: str, timeout: float, session: requests.Session | None = None) 
     if isinstance(methods, list) and "S256" not in methods:
         raise LaunchError("the EHR's authorization server does not support PKCE S256", 502)
     return config
+
+
+def _json_object(send: Callable[[], requests.Response], what: str) -> dict:
+    """The JSON object an EHR endpoint answers with 200, or a LaunchError (502) saying what went wrong."""
+    try:
+        response = send()
+    except requests.RequestException as exc:
+        raise LaunchError(f"could not reach {what} ({type(exc).__name__})", 502) from None
+    if response.status_code != 200:
+        raise LaunchError(f"{what} answered {response.status_code}", 502)
+    try:
+        answer = response.json()
+    except ValueError:
+        raise LaunchError(f"{what} did not answer JSON", 502) from None
+    if not isinstance(answer, dict):
+        raise LaunchError(f"{what} did not answer a JSON object", 502)
+    return answer
 
 
 def authorize_url(endpoint: str, client: SmartClient, redirect_uri: str, scope: str, state: str,
@@ -135,18 +142,10 @@ def exchange_code(token_endpoint: str, client: SmartClient, code: str, redirect_
         auth = (client.client_id, client.client_secret)
     else:
         data["client_id"] = client.client_id
-    try:
-        response = http.post(token_endpoint, data=data, auth=auth, timeout=timeout, allow_redirects=False,
-                             headers={"Accept": "application/json"})
-    except requests.RequestException as exc:
-        raise LaunchError(f"could not reach the EHR's token endpoint ({type(exc).__name__})", 502) from None
-    if response.status_code != 200:
-        raise LaunchError(f"the EHR's token endpoint refused the code ({response.status_code})", 502)
-    try:
-        tokens = response.json()
-    except ValueError:
-        raise LaunchError("the EHR's token endpoint did not answer JSON", 502) from None
-    if not isinstance(tokens, dict) or not isinstance(tokens.get("access_token"), str) or not tokens["access_token"]:
+    tokens = _json_object(lambda: http.post(token_endpoint, data=data, auth=auth, timeout=timeout,
+                                            allow_redirects=False, headers={"Accept": "application/json"}),
+                          "the EHR's token endpoint")
+    if not isinstance(tokens.get("access_token"), str) or not tokens["access_token"]:
         raise LaunchError("the EHR's token response has no access_token", 502)
     if str(tokens.get("token_type", "")).lower() != "bearer":
         raise LaunchError("the EHR's token response is not a Bearer token", 502)
