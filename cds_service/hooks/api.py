@@ -27,7 +27,7 @@ from ..metrics import record_call, record_refusal
 from .auth import AuthenticatedClient
 from .cards import add_app_link
 from .openapi import load_schema_file
-from .registry import SERVICES, SERVICES_BY_ID, gather, prefetch_templates
+from .registry import SERVICES, SERVICES_BY_ID, gather
 
 if TYPE_CHECKING:
     from ..app import ServiceState
@@ -570,5 +570,5 @@ def discovery_document(templates: dict[str, str]) -> list[dict]:
     return [service.discovery(templates) for service in SERVICES]
 
 
-__all__ = ["blueprint", "discovery_document", "log_call_line", "prefetch_templates", "validate_hook_request",
+__all__ = ["blueprint", "discovery_document", "log_call_line", "validate_hook_request",
            "warm_up_schema_checks"]
